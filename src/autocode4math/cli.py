@@ -31,10 +31,228 @@ def version() -> None:
 
 # --- sandbox (exec, bench sandbox) ---
 
+
+@app.command("exec")
+def exec_code(
+    timeout: float = typer.Option(10.0, "--timeout", help="Wall-clock limit in seconds."),
+    memory_mb: int = typer.Option(1024, "--memory-mb", help="Memory the code may use, in MB."),
+) -> None:
+    """Run Python read from stdin in the isolated sandbox; the last stdout line is a JSON result."""
+    import json
+    import sys
+
+    from autocode4math.sandbox import SandboxConfig, SandboxError, execute
+
+    try:
+        config = SandboxConfig(timeout_s=timeout, memory_mb=memory_mb)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    try:
+        result = execute(sys.stdin.read(), config)
+    except SandboxError as e:
+        typer.echo(f"sandbox failure: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(result.to_dict()))
+
+
+@bench_app.command("sandbox")
+def bench_sandbox(
+    n: int = typer.Option(200, help="Executions per batch."),
+    workers: int = typer.Option(0, help="Pool workers; 0 = one per CPU."),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable JSON object as the last line."),
+) -> None:
+    """Throughput of the isolated pool vs. a single in-process worker on realistic math batches."""
+    import json
+
+    from autocode4math.bench import bench_sandbox as run_bench
+    from autocode4math.bench import print_sandbox_table
+
+    if n < 1 or workers < 0:
+        raise typer.BadParameter("--n must be >= 1 and --workers >= 0")
+    figures, layers = run_bench(n=n, workers=workers or None)
+    print_sandbox_table(figures, layers)
+    if as_json:
+        typer.echo(json.dumps(figures))
+
+
 # --- benchmarks and grading (grade) ---
+
+
+@app.command()
+def grade(
+    in_path: str = typer.Argument(..., help="JSONL rows: `response`, `answer` (string, number or list), `benchmark`?"),
+    out: str = typer.Option(..., "--out", help="Output JSONL: the input rows plus `pred` and `correct`, same order."),
+    benchmark: str = typer.Option("", help="Grading convention for rows without a `benchmark` field (e.g. aime24)."),
+    workers: int | None = typer.Option(None, help="Grading processes (default: CPU count - 1)."),
+    timeout: float = typer.Option(10.0, help="Hard per-item timeout in seconds; a timeout counts as wrong."),
+) -> None:
+    """Grade model responses against gold answers; print a summary line."""
+    from autocode4math.grading import grade_file
+    from autocode4math.io import DataError
+
+    try:
+        s = grade_file(in_path, out, benchmark or None, workers, timeout)
+    except (DataError, OSError, ValueError) as e:
+        raise typer.BadParameter(str(e)) from None
+    typer.echo(
+        f"graded {s['graded']}: {s['correct']} correct ({100 * s['accuracy']:.1f}%), "
+        f"{s['no_answer']} without an answer, {s['timed_out']} timed out -> {out}"
+    )
+
+
+@bench_app.command("grading")
+def bench_grading(
+    workers: int | None = typer.Option(None, help="Grading processes (default: CPU count - 1)."),
+    timeout: float = typer.Option(10.0, help="Hard per-item timeout in seconds."),
+) -> None:
+    """Pairs per second of grade_many on MATH500: gold vs gold, worked solution vs gold, shifted pairs."""
+    from autocode4math.grading import bench_grading as run
+
+    for name, value in run(workers, timeout).items():
+        typer.echo(f"{name}: {value:.1f}" if isinstance(value, float) else f"{name}: {value}")
+
 
 # --- rollouts and evaluation (eval) ---
 
+
+@app.command("eval")
+def eval_(
+    model: str = typer.Option("", help="Model path or hub id (openai backend: the served model name)."),
+    benchmarks: str = typer.Option("", help="Comma-separated benchmark names (gsm8k,math500,aime24,...) or toy."),
+    modes: str = typer.Option("", help="Comma-separated subset of auto,cot,code (default: all three)."),
+    n: int | None = typer.Option(None, help="Samples per question (default: 1; 64 for aime24/amc23)."),
+    temperature: float | None = typer.Option(None, help="Default: 0 (greedy); 0.6 for aime24/amc23."),
+    out: str = typer.Option("", help="Output directory; rerunning with the same one resumes."),
+    benchmark_file: list[str] = typer.Option([], help="Extra benchmark file (.jsonl/.json/.parquet); repeatable."),
+    limit: int | None = typer.Option(None, help="Only the first N questions of each benchmark."),
+    backend: str = typer.Option("", help="hf (default), openai or vllm."),
+    config: str = typer.Option("", help="YAML file with EvalConfig fields."),
+    overrides: list[str] = typer.Option([], "--set", help="Dotted overrides, e.g. --set max_new_tokens=1024."),
+) -> None:
+    """Evaluate a model in auto/cot/code modes: per-sample JSONL, metrics.json, report.md, plots."""
+    from autocode4math.config import ConfigError, load_config
+    from autocode4math.evaluate import EvalConfig, replace, run_eval
+
+    given = {"model": model, "modes": modes, "out": out, "backend": backend}
+    bench_list = benchmarks.split(",") if benchmarks else ([] if benchmark_file else None)
+    try:
+        cfg = load_config(EvalConfig, config or None, overrides)
+        cfg = replace(
+            cfg,
+            **{k: v for k, v in given.items() if v},
+            n=n,
+            temperature=temperature,
+            limit=limit,
+            benchmarks=bench_list,
+            benchmark_files=benchmark_file or None,
+        )
+    except (ConfigError, OSError, ValueError) as e:
+        raise typer.BadParameter(str(e)) from None
+    run_eval(cfg)
+
+
 # --- toy world (toy ...) ---
 
+
+@toy_app.command("data")
+def toy_data(
+    out_dir: str = typer.Option("", help="Where to write the splits; default: the package's data/toy."),
+) -> None:
+    """Write the toy train/dev/test splits (fixed sizes and seeds) as JSONL."""
+    from autocode4math import toyworld
+
+    for split, path in toyworld.write_splits(out_dir or toyworld.DATA_DIR).items():
+        typer.echo(f"{split}: {path}")
+
+
+@toy_app.command("sample")
+def toy_sample(
+    family: str = typer.Option("mul", help="arith, mul or story."),
+    difficulty: int = typer.Option(2, help="1 to 3."),
+    seed: int = typer.Option(0, help="Random seed."),
+) -> None:
+    """Print one toy problem with its CoT and code solutions."""
+    import random
+
+    from autocode4math import toyworld
+
+    try:
+        item = toyworld.generate(family, difficulty, random.Random(seed))
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    typer.echo(f"{item.question}\nanswer: {item.answer}\n\n--- cot ---\n{toyworld.write_cot(item)}")
+    typer.echo(f"\n--- code ---\n{toyworld.write_code(item)}")
+
+
+@toy_app.command("pretrain")
+def toy_pretrain(
+    stage: str = typer.Option("base", help="base (from scratch, CoT-heavy) or sft (tool-integrated, random choice)."),
+    seed: int = typer.Option(0, help="Seeds corpus, initialisation and batch order."),
+    out_dir: str = typer.Option("", help="Output directory; default: the package's checkpoints/toy-<stage>."),
+    config: str = typer.Option("", help="YAML preset with PretrainConfig fields (e.g. presets/toy-pretrain.yaml)."),
+    overrides: list[str] = typer.Option(
+        [], "--set", help="Dotted overrides, e.g. --set steps=500 --set model.num_layers=2."
+    ),
+) -> None:
+    """Train a toy checkpoint (tiny Qwen2 + BPE tokenizer) on CPU, printing progress."""
+    from autocode4math.config import ConfigError, load_config
+    from autocode4math.toymodel import PretrainConfig, pretrain
+
+    extra = [f"stage={stage}", f"seed={seed}"] + ([f"out_dir={out_dir}"] if out_dir else [])
+    try:
+        cfg = load_config(PretrainConfig, config or None, [*overrides, *extra])
+    except (ConfigError, OSError) as e:
+        raise typer.BadParameter(str(e)) from None
+    pretrain(cfg, log=lambda line: typer.echo(line))
+
+
 # --- training (estep, mstep, train, demo) ---
+
+
+@app.command()
+def estep(
+    model: str = typer.Option(..., help="Checkpoint directory that generates the rollouts (pi_theta)."),
+    queries: str = typer.Option(..., help="Training queries: 'toy', a benchmark name, or a .jsonl/.json/.parquet."),
+    out: str = typer.Option(..., help="Output directory: rollouts.jsonl, train.jsonl, audit.jsonl, summary.json."),
+    split: str = typer.Option("train", help="Split of a named source (toy: train/dev/test)."),
+    limit: int = typer.Option(0, help="Use only the first N queries (0: all)."),
+    config: str = typer.Option("", help="YAML preset with EStepConfig fields."),
+    overrides: list[str] = typer.Option([], "--set", help="Dotted overrides, e.g. --set k=8 --set alpha=2."),
+) -> None:
+    """E-step: K rollouts per code decision, Q, pi, s*, and the subsampled training set (resumable)."""
+    import json
+
+    from autocode4math.benchmarks import load_problems
+    from autocode4math.config import ConfigError, load_config
+    from autocode4math.estep import EStepConfig, run_estep
+
+    try:
+        cfg = load_config(EStepConfig, config or None, overrides)
+        problems = load_problems(queries, split=split, limit=limit or None)
+    except (ConfigError, OSError, ValueError) as e:
+        raise typer.BadParameter(str(e)) from None
+    summary = run_estep(model, problems, cfg, out)
+    typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command()
+def mstep(
+    model: str = typer.Option(..., help="Checkpoint directory to train; also pi_ref (it generated the data)."),
+    data: str = typer.Option(..., help="E-step train.jsonl."),
+    out: str = typer.Option(..., help="Output directory: model/, metrics.jsonl, tb/, state/ (resumable)."),
+    config: str = typer.Option("", help="YAML preset with MStepConfig fields."),
+    overrides: list[str] = typer.Option([], "--set", help="Dotted overrides, e.g. --set lr=1e-5 --set lora_r=16."),
+) -> None:
+    """M-step: clipped off-policy RL + decision cross-entropy; `accelerate launch -m autocode4math.cli mstep ...`."""
+    from autocode4math.config import ConfigError, load_config
+    from autocode4math.mstep import MStepConfig, run_mstep
+
+    try:
+        cfg = load_config(MStepConfig, config or None, overrides)
+    except (ConfigError, OSError) as e:
+        raise typer.BadParameter(str(e)) from None
+    typer.echo(str(run_mstep(model, data, cfg, out)))
+
+
+if __name__ == "__main__":  # `accelerate launch -m autocode4math.cli mstep ...`
+    app()

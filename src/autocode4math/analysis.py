@@ -1,0 +1,175 @@
+"""The paper's measurements over rollout records: accuracy, code use, the union bound, selection accuracy.
+
+All functions take rollout records (dicts with at least `id`, `benchmark`, `mode`, `sample`,
+`correct`, `used_code`, `n_code_calls`, `code_blocks`, `n_generated_tokens`) and are pure.
+
+Definitions (also in docs/rollout.md):
+- accuracy: mean of `correct` over all samples. Its 95% interval is a percentile bootstrap over
+  *questions* (resampling questions with all their samples, 2000 resamples, fixed seed), because
+  the 64 samples of one AIME question are not independent draws.
+- per-question solve rate acc_m(q): mean of `correct` over the samples of question q in mode m.
+- union bound (the paper's "free lunch"): mean over questions of max(acc_cot(q), acc_code(q)). With
+  one sample per question this is the fraction of questions solved by CoT or by code.
+- selection accuracy of auto mode: a question is *decisive* when acc_code(q) != acc_cot(q); its
+  reference choice is code iff acc_code(q) > acc_cot(q). Each auto sample on a decisive question is
+  right when `used_code` equals the reference choice; selection accuracy is the mean over those
+  samples. Ties are excluded and counted apart: `both` (tied above 0) and `neither` (both 0). With
+  one sample this is exactly "of the questions exactly one of cot/code solves, how often auto
+  picked that one". Questions missing from cot, code or auto are left out.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CI_METHOD = "percentile bootstrap over questions (2000 resamples, seed 0)"
+
+
+def per_question(records: Iterable[dict[str, Any]], key: str = "correct") -> dict[str, float]:
+    """Mean of `key` per question id."""
+    sums: dict[str, list[float]] = defaultdict(list)
+    for r in records:
+        sums[str(r["id"])].append(float(r[key]))
+    return {q: sum(v) / len(v) for q, v in sums.items()}
+
+
+def bootstrap_ci(
+    records: Sequence[dict[str, Any]], resamples: int = 2000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile interval of the sample-mean accuracy, resampling questions with replacement."""
+    groups: dict[str, list[float]] = defaultdict(list)
+    for r in records:
+        groups[str(r["id"])].append(float(r["correct"]))
+    if not groups:
+        return (math.nan, math.nan)
+    sums = np.array([sum(v) for v in groups.values()])
+    counts = np.array([len(v) for v in groups.values()])
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(sums), size=(resamples, len(sums)))
+    means = sums[picks].sum(axis=1) / counts[picks].sum(axis=1)
+    alpha = (1 - level) / 2
+    return (float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha)))
+
+
+def mode_metrics(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy (with interval), code-use rate, mean code calls, code error rate, mean tokens."""
+    if not records:
+        raise ValueError("mode_metrics needs at least one record")
+    n = len(records)
+    blocks = [b for r in records for b in r["code_blocks"] if b["status"] != "not_run"]
+    low, high = bootstrap_ci(records)
+    return {
+        "n_samples": n,
+        "n_questions": len({str(r["id"]) for r in records}),
+        "accuracy": sum(bool(r["correct"]) for r in records) / n,
+        "ci_low": low,
+        "ci_high": high,
+        "code_use_rate": sum(bool(r["used_code"]) for r in records) / n,
+        "mean_code_calls": sum(r["n_code_calls"] for r in records) / n,
+        "code_error_rate": (sum(b["status"] != "ok" for b in blocks) / len(blocks)) if blocks else None,
+        "n_code_blocks": len(blocks),
+        "mean_tokens": sum(r["n_generated_tokens"] for r in records) / n,
+        "finish_reasons": {
+            k: sum(r["finish_reason"] == k for r in records) for k in ("answer", "length", "round_limit")
+        },
+    }
+
+
+def union_bound(cot: Sequence[dict[str, Any]], code: Sequence[dict[str, Any]]) -> float | None:
+    """Mean over questions in both modes of max(acc_cot, acc_code); None when they share none."""
+    a, b = per_question(cot), per_question(code)
+    shared = sorted(set(a) & set(b))
+    return sum(max(a[q], b[q]) for q in shared) / len(shared) if shared else None
+
+
+def selection_accuracy(
+    auto: Sequence[dict[str, Any]], cot: Sequence[dict[str, Any]], code: Sequence[dict[str, Any]]
+) -> dict[str, Any]:
+    """Selection accuracy of auto against the cot/code reference (definition in the module docstring)."""
+    a, b = per_question(cot), per_question(code)
+    auto_by_q: dict[str, list[bool]] = defaultdict(list)
+    for r in auto:
+        auto_by_q[str(r["id"])].append(bool(r["used_code"]))
+    shared = sorted(set(a) & set(b) & set(auto_by_q))
+    right = total = both = neither = decisive = 0
+    for q in shared:
+        if a[q] == b[q]:
+            both += a[q] > 0
+            neither += a[q] == 0
+            continue
+        decisive += 1
+        want_code = b[q] > a[q]
+        right += sum(used == want_code for used in auto_by_q[q])
+        total += len(auto_by_q[q])
+    return {
+        "selection_accuracy": right / total if total else None,
+        "n_decisive": decisive,
+        "n_both": both,
+        "n_neither": neither,
+        "n_auto_samples": total,
+    }
+
+
+def benchmark_metrics(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per-mode metrics of one benchmark plus the union bound and selection accuracy when possible."""
+    by_mode: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        by_mode[r["mode"]].append(r)
+    out: dict[str, Any] = {"modes": {m: mode_metrics(rs) for m, rs in sorted(by_mode.items())}}
+    if "cot" in by_mode and "code" in by_mode:
+        out["union"] = union_bound(by_mode["cot"], by_mode["code"])
+        if "auto" in by_mode:
+            out["selection"] = selection_accuracy(by_mode["auto"], by_mode["cot"], by_mode["code"])
+    return out
+
+
+def all_metrics(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """{benchmark: benchmark_metrics} over every benchmark present."""
+    by_bench: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        by_bench[str(r["benchmark"])].append(r)
+    return {b: benchmark_metrics(rs) for b, rs in sorted(by_bench.items())}
+
+
+def plot_benchmark(name: str, metrics: dict[str, Any], path: str | Path) -> Path:
+    """Bar chart: accuracy of auto, cot, code (with 95% intervals) and the union bound."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, values, errs = [], [], []
+    for mode in ("auto", "cot", "code"):
+        m = metrics["modes"].get(mode)
+        if m is not None:
+            labels.append(mode)
+            values.append(100 * m["accuracy"])
+            errs.append((100 * (m["accuracy"] - m["ci_low"]), 100 * (m["ci_high"] - m["accuracy"])))
+    if metrics.get("union") is not None:
+        labels.append("union")
+        values.append(100 * metrics["union"])
+        errs.append((0.0, 0.0))
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    bars = ax.bar(
+        labels,
+        values,
+        yerr=np.array(errs).T if errs else None,
+        capsize=4,
+        color=["#4c72b0", "#dd8452", "#55a868", "#8c8c8c"][: len(labels)],
+    )
+    ax.bar_label(bars, fmt="%.1f", padding=2)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(name)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

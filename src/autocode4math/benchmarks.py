@@ -1,0 +1,282 @@
+"""Load math problems from anywhere into one record shape: `Problem(id, question, answer, benchmark, meta)`.
+
+Sources, in the order `load_problems` tries them:
+- one of the six shipped test sets (`BENCHMARKS`), under `data/benchmarks/` with their provenance note;
+- `"toy"`, the synthetic world's splits under `data/toy/{split}.jsonl` (written by `toyworld`);
+- a user's `.jsonl`, `.json` (a list of objects, or an object holding one) or `.parquet` file;
+- anything else is taken as a Hugging Face dataset id and loaded through `datasets`.
+
+Why one normaliser per shipped set: each set stores its gold differently (GSM8K ends a worked solution
+with `#### N`, AMC stores 27.0 for 27, OlympiadBench keeps a list in `final_answer` plus unit and
+multiple-answer flags). Normalising here means the grader sees one convention: the gold is a string,
+or a list of strings when every one of several answers is required.
+
+Deliberate strictness: a malformed line, a row without a question or an answer, or a duplicate id is an
+error naming the file and the line; nothing is silently skipped, because a silently shorter test set
+is a wrong number in a paper. The one exception is loud: two GaoKao problems whose gold is empty in the
+source cannot be graded, so the loader leaves them out with a warning that names them.
+Simplification: user files are read whole into memory.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from autocode4math.io import DataError, read_jsonl
+
+BENCHMARKS = ("gsm8k", "math500", "gaokao2023en", "olympiadbench", "aime24", "amc23")
+DATA_DIR = Path(__file__).parent / "data"
+TOY_SPLITS = ("train", "dev", "test")
+
+QUESTION_FIELDS = ("question", "problem", "prompt", "query", "input")
+ANSWER_FIELDS = ("answer", "final_answer", "gold", "target", "expected_answer", "solution")
+ID_FIELDS = ("id", "idx", "unique_id", "problem_id", "uid")
+
+
+@dataclass
+class Problem:
+    """One math problem in the normalised form every module consumes."""
+
+    id: str
+    """Unique within its benchmark; synthesised from the line number when the source has none."""
+    question: str
+    """The problem statement shown to the model."""
+    answer: Any
+    """The gold: a string, or a list of strings when all of several answers are required."""
+    benchmark: str
+    """The grading convention to use (a name in BENCHMARKS, "toy", or a user label)."""
+    meta: dict = field(default_factory=dict)
+    """Everything else the source carried (worked solution, subject, level, unit, ...)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.id, str) or not self.id:
+            raise ValueError(f"Problem.id must be a non-empty string, got {self.id!r}")
+        if not isinstance(self.question, str) or not self.question.strip():
+            raise ValueError(f"Problem {self.id}: empty question")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "question": self.question,
+            "answer": self.answer,
+            "benchmark": self.benchmark,
+            "meta": self.meta,
+        }
+
+
+def _number_text(value: Any) -> str:
+    """27.0 -> "27", 3.5 -> "3.5", "025" stays "025" (the grader treats it as 25)."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+def _gsm8k_answer(solution: str) -> str:
+    if "####" not in solution:
+        raise ValueError("GSM8K answer has no '#### N' line")
+    return solution.rsplit("####", 1)[1].strip().replace(",", "")
+
+
+def _split_top_level(text: str, sep: str = ",") -> list[str]:
+    """Split at `sep` outside brackets and drop `$` delimiters: '$(1,2), (3,4)$' -> ['(1,2)', '(3,4)']."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == sep and depth <= 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return [p.strip().strip("$").strip() for p in parts if p.strip().strip("$").strip()]
+
+
+def _olympiad_answer(row: dict[str, Any]) -> list[str] | str:
+    answers = [str(a) for a in (row.get("final_answer") or [])]
+    if not answers:
+        raise ValueError("OlympiadBench row has an empty final_answer")
+    if row.get("is_multiple_answer") and len(answers) == 1:
+        answers = _split_top_level(answers[0].replace("$,$", "$, $"))
+    return answers[0] if len(answers) == 1 else answers
+
+
+def _shipped_record(name: str, row: dict[str, Any]) -> tuple[str, Any, dict[str, Any]]:
+    """(question, answer, meta) for one row of a shipped set; the meta keeps every other field."""
+    question = row.get("question") or row.get("problem")
+    if name == "gsm8k":
+        answer: Any = _gsm8k_answer(row["answer"])
+        meta = {"solution": row["answer"]}
+    elif name == "olympiadbench":
+        answer = _olympiad_answer(row)
+        if row.get("context"):
+            question = f"{row['context']}\n\n{question}"
+        meta = {k: row.get(k) for k in ("solution", "unit", "is_multiple_answer", "answer_type", "subfield", "error")}
+    else:
+        answer = _number_text(row["answer"]) if name in ("aime24", "amc23") else row["answer"]
+        skip = {"question", "problem", "answer", "id", "idx"}
+        meta = {k: v for k, v in row.items() if k not in skip}
+    return question, answer, meta
+
+
+def _detect(row: dict[str, Any], given: str | None, candidates: tuple[str, ...], what: str, where: str) -> str | None:
+    if given is not None:
+        if given not in row:
+            raise DataError(f"{where}: no field {given!r} (fields: {sorted(row)})")
+        return given
+    found = next((c for c in candidates if c in row), None)
+    if found is None and what != "id":
+        raise DataError(f"{where}: no {what} field; looked for {list(candidates)}, found {sorted(row)}; name it")
+    return found
+
+
+def _rows_of_file(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(location, row) pairs; the location names the file and the line (or the index) for errors."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _jsonl_rows(path)
+    if suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        if isinstance(data, dict):
+            lists = [v for v in data.values() if isinstance(v, list)]
+            if len(lists) != 1:
+                raise DataError(f"{path}: expected a list of objects or an object holding exactly one list")
+            data = lists[0]
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
+        return [(f"{path}[{i}]", _as_dict(r, f"{path}[{i}]")) for i, r in enumerate(data)]
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return [(f"{path} row {i}", r) for i, r in enumerate(pq.read_table(path).to_pylist())]
+    raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json or .parquet")
+
+
+def _jsonl_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        lines = [i for i, line in enumerate(f, start=1) if line.strip()]
+    for lineno, row in zip(lines, read_jsonl(path), strict=True):
+        rows.append((f"{path}:{lineno}", row))
+    return rows
+
+
+def _as_dict(row: Any, where: str) -> dict[str, Any]:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    return row
+
+
+def _hf_rows(source: str, split: str) -> list[tuple[str, dict[str, Any]]]:
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError(
+            f"{source!r} is not a shipped benchmark or a file; loading it as a Hugging Face "
+            "dataset needs `pip install autocode4math[data]`"
+        ) from e
+    ds = datasets.load_dataset(source, split=split)
+    return [(f"{source}[{split}] row {i}", dict(r)) for i, r in enumerate(ds)]
+
+
+def _finish(records: list[Problem], benchmark: str, limit: int | None) -> list[Problem]:
+    seen: set[str] = set()
+    for p in records:
+        if p.id in seen:
+            raise DataError(f"{benchmark}: duplicate id {p.id!r}; give an id field whose values are unique")
+        seen.add(p.id)
+    return records if limit is None else records[:limit]
+
+
+def _load_shipped(name: str, limit: int | None) -> list[Problem]:
+    path = DATA_DIR / "benchmarks" / name / "test.jsonl"
+    records, ungradable = [], []
+    for i, (where, row) in enumerate(_rows_of_file(path), start=1):
+        try:
+            question, answer, meta = _shipped_record(name, row)
+            raw_id = row.get("id", row.get("idx"))
+            problem = Problem(str(raw_id) if raw_id is not None else f"{name}-{i}", question, answer, name, meta)
+        except (KeyError, ValueError) as e:
+            raise DataError(f"{where}: {e}") from None
+        (ungradable if isinstance(answer, str) and not answer.strip("$ ") else records).append(problem)
+    if ungradable:
+        warnings.warn(
+            f"{name}: left out {len(ungradable)} problem(s) whose gold is empty in the source file: "
+            f"{[p.id for p in ungradable]}",
+            stacklevel=3,
+        )
+    return _finish(records, name, limit)
+
+
+def _load_toy(split: str, limit: int | None) -> list[Problem]:
+    if split not in TOY_SPLITS:
+        raise ValueError(f"toy split must be one of {TOY_SPLITS}, got {split!r}")
+    path = DATA_DIR / "toy" / f"{split}.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"toy split {split!r} not found at {path}; generate it with `autocode toy data`")
+    return load_problems(str(path), benchmark="toy", limit=limit)
+
+
+def load_problems(
+    source: str,
+    *,
+    split: str = "test",
+    question_field: str | None = None,
+    answer_field: str | None = None,
+    id_field: str | None = None,
+    benchmark: str | None = None,
+    limit: int | None = None,
+) -> list[Problem]:
+    """Load problems as `Problem` records.
+
+    `source` is a shipped benchmark name, "toy" (with `split` train/dev/test), a .jsonl/.json/.parquet
+    path, or a Hugging Face dataset id (loaded with `split`). For files and datasets the question,
+    answer and id fields are detected from common names unless given; `benchmark` names the grading
+    convention (defaults to the file stem). Rows already in the normalised form keep their `meta`.
+    """
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    if source in BENCHMARKS:
+        return _load_shipped(source, limit)
+    if source == "toy":
+        return _load_toy(split, limit)
+    path = Path(source)
+    if path.suffix.lower() in (".jsonl", ".json", ".parquet") or path.exists():
+        if not path.exists():
+            raise FileNotFoundError(f"no such file: {path}")
+        rows, label = _rows_of_file(path), benchmark or path.stem
+    else:
+        rows, label = _hf_rows(source, split), benchmark or source
+    return _finish(_user_records(rows, label, question_field, answer_field, id_field), label, limit)
+
+
+def _user_records(
+    rows: list[tuple[str, dict[str, Any]]],
+    benchmark: str,
+    question_field: str | None,
+    answer_field: str | None,
+    id_field: str | None,
+) -> list[Problem]:
+    records = []
+    for i, (where, row) in enumerate(rows, start=1):
+        q_key = _detect(row, question_field, QUESTION_FIELDS, "question", where)
+        a_key = _detect(row, answer_field, ANSWER_FIELDS, "answer", where)
+        i_key = _detect(row, id_field, ID_FIELDS, "id", where)
+        answer = row[a_key]
+        if answer is None or (isinstance(answer, str) and not answer.strip()):
+            raise DataError(f"{where}: empty answer in field {a_key!r}")
+        meta = row.get("meta") if isinstance(row.get("meta"), dict) else {}
+        meta = {**meta, **{k: v for k, v in row.items() if k not in (q_key, a_key, i_key, "meta", "benchmark")}}
+        pid = str(row[i_key]) if i_key is not None and row[i_key] is not None else f"{benchmark}-{i}"
+        try:
+            records.append(Problem(pid, row[q_key], answer, benchmark, meta))
+        except ValueError as e:
+            raise DataError(f"{where}: {e}") from None
+    return records

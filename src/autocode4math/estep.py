@@ -1,0 +1,381 @@
+"""E-step (guided exploration): roll out both code decisions, value them, and subsample a training set.
+
+The paper's Eq. 5 turns rollouts into a reference strategy over the code decision c per query x:
+    s*(c|x) = exp(alpha * pi(c|x) * Q(x, c)) / Z(x)
+where Q(x, c) is the success rate of decision c and pi(c|x) the model's own, unprompted rate of
+taking it. The training set is drawn from the rollouts with these weights, so that the M-step sees
+mostly trajectories of the decision that pays off, in proportion to how much it pays off.
+
+The pure parts (`q_values`, `code_prior`, `reference_strategy`, `advantages`, `subsample`) work on
+plain records and are unit-tested on hand-built numbers; `run_estep` drives the rollout engine.
+
+Choices (docs/method.md explains them in full):
+- c=0 rollouts are plain generation: the `auto` prompt with no prefix (`c0_mode="auto"`), and the
+  same rollouts estimate pi. `c0_mode="cot"` instead uses the no-code instruction and adds `n_auto`
+  separate auto-mode rollouts for pi.
+- A trajectory's c is what it did at its decision point: 1 if the code prefix was forced or code
+  was executed, else 0. Plain generation that wrote code on its own therefore counts as c=1.
+- pi(c=1|x) is smoothed with a symmetric Beta prior: (n_code + a) / (n + 2a), a = `pi_prior`.
+- The advantage is the reward normalised over all of the query's rollouts (mean and std of
+  `correct`), computed before subsampling so the baseline uses every rollout.
+
+Deliberately simplified: one decision per trajectory (the first); the reward is 0/1 correctness.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from autocode4math.io import JsonlAppender, read_done, write_json, write_jsonl
+from autocode4math.prompts import PromptConfig
+from autocode4math.rollout.engine import RolloutConfig, RolloutRequest, encode
+
+MID_OFFSET = 10_000
+"""Sample indices of mid-reasoning continuations start here, so their keys never clash with the rest."""
+
+
+@dataclass
+class EStepConfig:
+    """How the E-step explores and subsamples."""
+
+    k: int = 8
+    """Rollouts per query and decision (the paper's K)."""
+    alpha: float = 1.0
+    """Inverse temperature of the reference strategy s* (0: both decisions equally likely)."""
+    per_query: int = 4
+    """Training trajectories drawn per query (without replacement)."""
+    size: int = 0
+    """If > 0, the total training set size, spread evenly over queries (overrides per_query)."""
+    c0_mode: str = "auto"
+    """Prompt of c=0 rollouts: `auto` (plain generation, also used for pi) or `cot`."""
+    n_auto: int = 8
+    """Auto-mode rollouts for pi when c0_mode is `cot` (otherwise the c=0 rollouts serve)."""
+    pi_prior: float = 1.0
+    """Pseudo-count a of the Beta(a, a) prior smoothing pi(c=1|x) = (n_code + a) / (n + 2a)."""
+    adv_eps: float = 1e-6
+    """Added to the per-query reward std before dividing."""
+    seed: int = 0
+    """Seeds subsampling and mid-reasoning cut points."""
+    mid_reasoning: bool = False
+    """Also roll out from partial solutions, with and without the code prefix."""
+    mid_per_query: int = 1
+    """Partial solutions cut per query (from finished auto-mode trajectories without code)."""
+    mid_k: int = 2
+    """Continuations per partial solution and decision."""
+    backend: str = "hf"
+    """Rollout backend when `model` is a path: hf, openai or vllm."""
+    batch_size: int = 16
+    """Generation batch size (hf backend)."""
+    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(temperature=1.0, top_p=0.9))
+    """Sampling of the rollouts (the paper: temperature 1.0, top-p 0.9)."""
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    """Prompt template and code prefix."""
+
+    def __post_init__(self) -> None:
+        for name in ("k", "per_query", "n_auto", "mid_per_query", "mid_k", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.size < 0:
+            raise ValueError(f"size must be >= 0, got {self.size}")
+        if self.alpha < 0:
+            raise ValueError(f"alpha must be >= 0, got {self.alpha}")
+        if self.pi_prior < 0:
+            raise ValueError(f"pi_prior must be >= 0, got {self.pi_prior}")
+        if self.c0_mode not in ("auto", "cot"):
+            raise ValueError(f"c0_mode must be 'auto' or 'cot', got {self.c0_mode!r}")
+
+
+def record_key(record: dict[str, Any]) -> str:
+    """A trajectory's identity in audit files: benchmark/mode/id/sample (the engine's request key)."""
+    return f"{record['benchmark']}/{record['mode']}/{record['id']}/{record['sample']}"
+
+
+def _code_prefixed(record: dict[str, Any], code_prefix: str) -> bool:
+    return record["prefix"].rstrip().endswith(code_prefix.strip())
+
+
+def decision_of(record: dict[str, Any], code_prefix: str) -> int:
+    """c of a trajectory: 1 if the code prefix was forced or code was executed, else 0."""
+    return int(_code_prefixed(record, code_prefix) or bool(record["used_code"]))
+
+
+def q_values(records: Sequence[dict[str, Any]], code_prefix: str) -> dict[str, dict[int, float | None]]:
+    """Q(x, c): success rate of each decision per query id; None where no rollout took that decision."""
+    counts: dict[str, list[list[int]]] = defaultdict(lambda: [[0, 0], [0, 0]])
+    for r in records:
+        cell = counts[str(r["id"])][decision_of(r, code_prefix)]
+        cell[0] += int(bool(r["correct"]))
+        cell[1] += 1
+    return {qid: {c: (ok / n if n else None) for c, (ok, n) in enumerate(cells)} for qid, cells in counts.items()}
+
+
+def code_prior(records: Sequence[dict[str, Any]], prior: float = 1.0) -> dict[str, float]:
+    """pi(c=1|x) per query id from auto-mode rollouts without a forced prefix, Beta(prior, prior) smoothed."""
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for r in records:
+        if r["mode"] == "auto" and not r["prefix"]:
+            counts[str(r["id"])][0] += int(bool(r["used_code"]))
+            counts[str(r["id"])][1] += 1
+    out = {}
+    for qid, (k, n) in counts.items():
+        if n + 2 * prior == 0:
+            raise ValueError(f"query {qid}: no auto-mode rollouts and no prior; cannot estimate pi")
+        out[qid] = (k + prior) / (n + 2 * prior)
+    return out
+
+
+def reference_strategy(pi_code: float, q: dict[int, float | None], alpha: float) -> dict[int, float]:
+    """s*(c|x) = exp(alpha * pi(c|x) * Q(x,c)) / Z(x), over the decisions that have rollouts (Q not None)."""
+    if not 0 <= pi_code <= 1:
+        raise ValueError(f"pi(c=1|x) must be in [0, 1], got {pi_code}")
+    pi = {0: 1.0 - pi_code, 1: pi_code}
+    energies = {c: alpha * pi[c] * qc for c, qc in q.items() if qc is not None}
+    if not energies:
+        raise ValueError("reference_strategy: no decision has any rollout")
+    top = max(energies.values())
+    weights = {c: math.exp(e - top) for c, e in energies.items()}
+    z = sum(weights.values())
+    return {c: weights.get(c, 0.0) / z for c in (0, 1)}
+
+
+def advantages(records: Sequence[dict[str, Any]], eps: float = 1e-6) -> list[float]:
+    """Query-wise normalised reward: (r - mean_x) / (std_x + eps), r = correct in {0, 1}, std over the query."""
+    groups: dict[str, list[float]] = defaultdict(list)
+    for r in records:
+        groups[str(r["id"])].append(float(bool(r["correct"])))
+    stats = {}
+    for qid, rewards in groups.items():
+        mean = sum(rewards) / len(rewards)
+        std = math.sqrt(sum((x - mean) ** 2 for x in rewards) / len(rewards))
+        stats[qid] = (mean, std)
+    return [(float(bool(r["correct"])) - stats[str(r["id"])][0]) / (stats[str(r["id"])][1] + eps) for r in records]
+
+
+def _weighted_sample(items: Sequence[int], weights: Sequence[float], n: int, rng: random.Random) -> list[int]:
+    """n items without replacement, item i with probability proportional to weights[i] (Efraimidis-Spirakis)."""
+    keyed = [(rng.random() ** (1.0 / w), i) for i, w in zip(items, weights, strict=True) if w > 0]
+    return [i for _, i in sorted(keyed, reverse=True)[:n]]
+
+
+def quotas(query_ids: Sequence[str], per_query: int, size: int, seed: int) -> dict[str, int]:
+    """Training trajectories per query: per_query each, or `size` spread evenly (extras to seeded queries)."""
+    if size <= 0:
+        return {q: per_query for q in query_ids}
+    base, extra = divmod(size, len(query_ids))
+    lucky = set(random.Random(seed).sample(list(query_ids), extra))
+    return {q: base + (q in lucky) for q in query_ids}
+
+
+def subsample(
+    records: Sequence[dict[str, Any]], config: EStepConfig
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Draw the training set with the weights of Eq. 5; return (training records, audit rows per query).
+
+    A trajectory y of query x with decision c gets weight s*(c|x) / |D(x, c)|: choosing c by s* and
+    then a trajectory of that decision uniformly. Training records are the rollout records plus
+    `c`, `advantage` and `key`.
+    """
+    code_prefix = config.prompt.code_prefix
+    q, pi = q_values(records, code_prefix), code_prior(records, config.pi_prior)
+    adv = advantages(records, config.adv_eps)
+    by_query: dict[str, list[int]] = defaultdict(list)
+    for i, r in enumerate(records):
+        by_query[str(r["id"])].append(i)
+    quota = quotas(sorted(by_query), config.per_query, config.size, config.seed)
+    train, audit = [], []
+    for qid in sorted(by_query):
+        idx = by_query[qid]
+        pi1 = pi.get(qid, 0.5 if config.pi_prior > 0 else 0.0)
+        s = reference_strategy(pi1, q[qid], config.alpha)
+        sizes = [sum(decision_of(records[i], code_prefix) == c for i in idx) for c in (0, 1)]
+        weights = [s[decision_of(records[i], code_prefix)] / sizes[decision_of(records[i], code_prefix)] for i in idx]
+        rng = random.Random(f"{config.seed}/{qid}")
+        chosen = _weighted_sample(idx, weights, quota[qid], rng)
+        for i in chosen:
+            c = decision_of(records[i], code_prefix)
+            train.append({**records[i], "c": c, "advantage": adv[i], "key": record_key(records[i])})
+        audit.append(
+            {
+                "id": qid,
+                "Q": {str(c): v for c, v in q[qid].items()},
+                "pi_code": pi1,
+                "s_star": {str(c): v for c, v in s.items()},
+                "n": {str(c): n for c, n in enumerate(sizes)},
+                "chosen": [record_key(records[i]) for i in chosen],
+                "chosen_c": [decision_of(records[i], code_prefix) for i in chosen],
+            }
+        )
+    return train, audit
+
+
+def add_decision_tokens(record: dict[str, Any], tokenizer: Any, code_prefix_text: str, code_prefix: str) -> None:
+    """Attach the tokens of the decision term to a training record (in place).
+
+    `decision_context_ids` are the prompt plus any partial solution (mid-reasoning); `decision_ids` are
+    the code-prefix tokens whose probability is pi_theta(c=1|x). They are empty (no decision term)
+    for a c=1 trajectory that wrote code without the prefix: its choice lies in its own tokens.
+    """
+    forced = _code_prefixed(record, code_prefix)
+    if record["c"] == 1 and not forced:
+        record["decision_context_ids"], record["decision_ids"] = [], []
+        return
+    partial = record.get("partial", "")
+    record["decision_context_ids"] = list(record["prompt_ids"]) + encode(tokenizer, partial)
+    record["decision_ids"] = encode(tokenizer, code_prefix_text)
+
+
+def cut_point(response: str, rng: random.Random) -> int | None:
+    """A seeded step boundary: just after a newline, before any code block and before the last line."""
+    head = response.split("```python", 1)[0]
+    body = head.rstrip("\n")
+    cuts = [i + 1 for i, ch in enumerate(body) if ch == "\n"]
+    return rng.choice(cuts) if cuts else None
+
+
+def mid_requests(
+    records: Sequence[dict[str, Any]], problems: dict[str, Any], config: EStepConfig
+) -> tuple[list[RolloutRequest], dict[tuple, str]]:
+    """Continuations from partial solutions: cut finished no-code auto trajectories, continue with/without prefix.
+
+    Returns the requests and, per request key, the partial solution it continues (for the records).
+    """
+    code_text = config.prompt.code_prefix + "\n"
+    sources: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        if r["mode"] == "auto" and not r["prefix"] and not r["used_code"] and r["finish_reason"] == "answer":
+            sources[str(r["id"])].append(r)
+    requests, partials = [], {}
+    for qid in sorted(sources):
+        rng = random.Random(f"{config.seed}/mid/{qid}")
+        picked = rng.sample(sources[qid], min(config.mid_per_query, len(sources[qid])))
+        for j, src in enumerate(sorted(picked, key=lambda r: r["sample"])):
+            at = cut_point(src["response"], rng)
+            if at is None:
+                continue
+            partial = src["response"][:at]
+            for s in range(config.mid_k):
+                sample = MID_OFFSET + j * config.mid_k + s
+                for mode, prefix in (("auto", partial), ("code", partial + code_text)):
+                    req = RolloutRequest(problems[qid], mode, sample, prefix)
+                    requests.append(req)
+                    partials[req.key()] = partial
+    return requests, partials
+
+
+def main_requests(problems: Sequence[Any], config: EStepConfig) -> list[RolloutRequest]:
+    """K rollouts for c=0 (plain or cot), K with the code prefix, and auto rollouts for pi if c=0 is cot."""
+    from autocode4math.rollout.engine import make_requests
+
+    reqs = make_requests(problems, [config.c0_mode, "code"], config.k, config.prompt)
+    if config.c0_mode == "cot":
+        reqs += make_requests(problems, ["auto"], config.n_auto, config.prompt)
+    return reqs
+
+
+def _key_of(record: dict[str, Any]) -> tuple:
+    return (str(record["benchmark"]), record["mode"], str(record["id"]), record["sample"])
+
+
+def _run_missing(backend, requests, config, path: Path, partials, run_kwargs) -> list[dict[str, Any]]:
+    """Run the requests whose records are not yet in `path`; return all records of `requests`."""
+    from autocode4math.rollout.engine import run_rollouts
+
+    done = {_key_of(r): r for r in read_done(path)}
+    todo = [r for r in requests if r.key() not in done]
+    if todo:
+        with JsonlAppender(path) as out:
+
+            def keep(record: dict[str, Any]) -> None:
+                if _key_of(record) in partials:
+                    record["origin"], record["partial"] = "mid", partials[_key_of(record)]
+                out.write(record)
+                done[_key_of(record)] = record
+
+            run_rollouts(backend, todo, config.rollout, on_record=keep, prompt_config=config.prompt, **run_kwargs)
+    return [done[r.key()] for r in requests if r.key() in done]
+
+
+def run_estep(
+    model: Any,
+    queries: Sequence[Any] | str,
+    config: EStepConfig,
+    out_dir: str | Path,
+    *,
+    sandbox: Any = None,
+    grader: Callable | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Roll out, value and subsample; write rollouts.jsonl, train.jsonl, audit.jsonl, summary.json under out_dir.
+
+    `model` is a checkpoint path (loaded with `config.backend`) or a ready rollout Backend; `queries`
+    a list of Problems or a `benchmarks.load_problems` source. Rollouts are appended as they finish,
+    so running again after an interruption only generates what is missing. Returns the summary.
+    """
+    from autocode4math.benchmarks import load_problems
+    from autocode4math.config import save_config
+
+    problems = load_problems(queries, split="train") if isinstance(queries, str) else list(queries)
+    if not problems:
+        raise ValueError("run_estep: no queries")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "estep_config.yaml")
+    backend = model
+    if isinstance(model, (str, Path)):
+        from autocode4math.rollout import make_backend
+
+        options = {"batch_size": config.batch_size} if config.backend == "hf" else {}
+        backend = make_backend(config.backend, str(model), **options)
+    kwargs = {"sandbox": sandbox, "grader": grader, "progress": progress}
+    records = _run_missing(backend, main_requests(problems, config), config, out / "rollouts.jsonl", {}, kwargs)
+    if config.mid_reasoning:
+        by_id = {str(p.id): p for p in problems}
+        reqs, partials = mid_requests(records, by_id, config)
+        records += _run_missing(backend, reqs, config, out / "rollouts.jsonl", partials, kwargs)
+    train, audit = subsample(records, config)
+    code_text = config.prompt.code_prefix + "\n"
+    for row in train:
+        add_decision_tokens(row, backend.tokenizer, code_text, config.prompt.code_prefix)
+    write_jsonl(out / "train.jsonl", train)
+    write_jsonl(out / "audit.jsonl", audit)
+    summary = _summary(records, train)
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def _summary(records: Sequence[dict[str, Any]], train: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    def rate(rows, key):
+        return sum(bool(r[key]) for r in rows) / len(rows) if rows else None
+
+    return {
+        "n_rollouts": len(records),
+        "n_train": len(train),
+        "rollout_accuracy": rate(records, "correct"),
+        "rollout_code_rate": rate(records, "used_code"),
+        "train_accuracy": rate(train, "correct"),
+        "train_code_rate": rate(train, "used_code"),
+        "train_c1_share": sum(r["c"] for r in train) / len(train) if train else None,
+        "generated_tokens": sum(int(r["n_generated_tokens"]) for r in records),
+    }
+
+
+__all__ = [
+    "EStepConfig",
+    "add_decision_tokens",
+    "advantages",
+    "code_prior",
+    "cut_point",
+    "decision_of",
+    "mid_requests",
+    "q_values",
+    "record_key",
+    "reference_strategy",
+    "run_estep",
+    "subsample",
+]

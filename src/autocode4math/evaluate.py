@@ -1,0 +1,309 @@
+"""`autocode eval`: benchmarks x modes (auto, cot, code), resumable per-sample JSONL, metrics, report, plots.
+
+Outputs in `out/`:
+- `config.yaml`: the resolved EvalConfig.
+- `samples.jsonl`: one rollout record per (benchmark, mode, id, sample), raw response kept so
+  answers can be re-graded; appended as trajectories finish. A rerun with the same `out` skips
+  every sample already in the file, so an interrupted evaluation resumes where it stopped. A rerun
+  whose model or sampling settings differ from the saved config.yaml is refused rather than mixed.
+- `metrics.json`: per benchmark and mode (accuracy with a 95% interval, code use, code calls,
+  code error rate, tokens), the union bound and auto's selection accuracy (see analysis.py).
+- `report.md` and `plots/<benchmark>.png` (auto vs cot vs code vs union).
+
+Sampling defaults follow the paper: greedy Pass@1, except AIME24 and AMC23 with 64 samples at
+temperature 0.6; `n` and `temperature` override both when given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from autocode4math.analysis import CI_METHOD, all_metrics, plot_benchmark
+from autocode4math.config import save_config, to_dict
+from autocode4math.io import JsonlAppender, read_done, write_json
+from autocode4math.prompts import MODES, PromptConfig
+from autocode4math.rollout import BACKENDS, RolloutConfig, RolloutRequest, make_backend, make_requests, run_rollouts
+
+PAPER_SAMPLING = {"aime24": (64, 0.6), "amc23": (64, 0.6)}
+"""(n, temperature) the paper uses per benchmark; every other benchmark is greedy with n=1."""
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate and how."""
+
+    model: str = ""
+    """Model path or hub id (for the openai backend: the served model name)."""
+    benchmarks: list[str] = field(default_factory=lambda: ["gsm8k", "math500"])
+    """Shipped benchmark names or anything `load_problems` reads (toy, a file, a HF dataset id)."""
+    benchmark_files: list[str] = field(default_factory=list)
+    """Extra benchmark files (.jsonl/.json/.parquet); the loader names the benchmark."""
+    modes: list[str] = field(default_factory=lambda: list(MODES))
+    """Modes to run: auto, cot, code. Union and selection accuracy need all three."""
+    n: int | None = None
+    """Samples per question; None means the paper's default for each benchmark."""
+    temperature: float | None = None
+    """Sampling temperature; None means the paper's default for each benchmark."""
+    top_p: float = 0.95
+    """Nucleus mass when sampling."""
+    limit: int | None = None
+    """Evaluate only the first `limit` questions of each benchmark."""
+    backend: str = "hf"
+    """hf, openai or vllm."""
+    out: str = "runs/eval"
+    """Output directory (resumed when it already holds samples)."""
+    seed: int = 0
+    max_new_tokens: int = 2048
+    """Token budget per trajectory, across code rounds."""
+    max_code_rounds: int = 4
+    batch_size: int = 16
+    """hf backend: rows per generate call."""
+    max_active: int = 64
+    """Trajectories in flight at once."""
+    base_url: str = "http://127.0.0.1:8000/v1"
+    """openai backend: the server's /v1 URL."""
+    concurrency: int = 16
+    """openai backend: requests in flight."""
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.benchmarks, str):
+            self.benchmarks = [b for b in self.benchmarks.split(",") if b]
+        if isinstance(self.modes, str):
+            self.modes = [m for m in self.modes.split(",") if m]
+        bad = [m for m in self.modes if m not in MODES]
+        if bad or not self.modes:
+            raise ValueError(f"modes must be a non-empty subset of {MODES}, got {self.modes}")
+        if not self.benchmarks and not self.benchmark_files:
+            raise ValueError("give at least one benchmark or benchmark file")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.n is not None and self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.temperature is not None and self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1, got {self.limit}")
+
+
+def sampling_for(benchmark: str, config: EvalConfig) -> tuple[int, float]:
+    """(n, temperature) for one benchmark: the config's values, else the paper's defaults."""
+    n, temperature = PAPER_SAMPLING.get(benchmark, (1, 0.0))
+    return (config.n or n, temperature if config.temperature is None else config.temperature)
+
+
+def _load(config: EvalConfig) -> dict[str, list[Any]]:
+    from autocode4math.benchmarks import load_problems
+
+    groups: dict[str, list[Any]] = {}
+    for source in [*config.benchmarks, *config.benchmark_files]:
+        problems = load_problems(source, limit=config.limit)
+        if not problems:
+            raise ValueError(f"benchmark {source!r} has no problems")
+        groups.setdefault(problems[0].benchmark, []).extend(problems)
+    return groups
+
+
+def _backend(config: EvalConfig) -> Any:
+    if not config.model:
+        raise ValueError("EvalConfig.model is empty: give --model PATH_OR_ID")
+    if config.backend == "hf":
+        return make_backend("hf", config.model, batch_size=config.batch_size)
+    if config.backend == "openai":
+        return make_backend("openai", config.model, base_url=config.base_url, concurrency=config.concurrency)
+    return make_backend("vllm", config.model)
+
+
+RESUMABLE_CHANGES = (
+    "benchmarks",
+    "benchmark_files",
+    "modes",
+    "limit",
+    "out",
+    "batch_size",
+    "max_active",
+    "concurrency",
+    "base_url",
+    "backend",
+)
+"""Fields that may differ when resuming; any other change would mix samples of two settings."""
+
+
+def _check_resume(config: EvalConfig, out: Path) -> None:
+    import yaml
+
+    saved_path = out / "config.yaml"
+    if not saved_path.exists() or not (out / "samples.jsonl").exists():
+        return
+    saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
+    now = to_dict(config)
+    changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
+    if changed:
+        raise ValueError(
+            f"{out} holds samples from a run with different {changed}; use another --out or the same settings"
+        )
+
+
+def _key(record: dict[str, Any]) -> tuple[str, str, str, int]:
+    return (str(record["benchmark"]), record["mode"], str(record["id"]), int(record["sample"]))
+
+
+def run_eval(config: EvalConfig, *, backend: Any = None, sandbox: Any = None, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) the evaluation; write samples, metrics, report and plots; return the metrics."""
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_resume(config, out)
+    save_config(config, out / "config.yaml")
+    groups = _load(config)
+    samples = out / "samples.jsonl"
+    done = {_key(r) for r in read_done(samples)}
+    plan: list[tuple[str, RolloutConfig, list[RolloutRequest]]] = []
+    wanted: set[tuple[str, str, str, int]] = set()
+    for bench, problems in groups.items():
+        n, temperature = sampling_for(bench, config)
+        requests = make_requests(problems, config.modes, n, config.prompt)
+        wanted |= {r.key() for r in requests}
+        rollout = RolloutConfig(
+            max_new_tokens=config.max_new_tokens,
+            max_code_rounds=config.max_code_rounds,
+            temperature=temperature,
+            top_p=config.top_p,
+            seed=config.seed,
+            max_active=config.max_active,
+        )
+        plan.append((bench, rollout, [r for r in requests if r.key() not in done]))
+    if any(todo for _, _, todo in plan):
+        _generate(plan, config, backend, sandbox, samples, progress)
+    records = [r for r in read_done(samples) if _key(r) in wanted]
+    return write_outputs(records, config, out, {b: sampling_for(b, config) for b in groups})
+
+
+def _generate(plan, config: EvalConfig, backend: Any, sandbox: Any, samples: Path, progress: bool) -> None:
+    backend = backend or _backend(config)
+    own_pool = sandbox is None
+    if own_pool:
+        from autocode4math.sandbox import SandboxPool
+
+        sandbox = SandboxPool()
+    try:
+        with JsonlAppender(samples) as appender:
+            for _, rollout, todo in plan:
+                if todo:
+                    run_rollouts(
+                        backend,
+                        todo,
+                        rollout,
+                        on_record=appender.write,
+                        progress=progress,
+                        sandbox=sandbox,
+                        prompt_config=config.prompt,
+                    )
+    finally:
+        if own_pool:
+            sandbox.close()
+
+
+def write_outputs(
+    records: list[dict[str, Any]], config: EvalConfig, out: Path, sampling: dict[str, tuple[int, float]]
+) -> dict[str, Any]:
+    """metrics.json, report.md, one PNG per benchmark, and the table on the terminal."""
+    benchmarks = all_metrics(records)
+    metrics = {
+        "model": config.model,
+        "ci_method": CI_METHOD,
+        "sampling": {b: {"n": n, "temperature": t} for b, (n, t) in sampling.items()},
+        "benchmarks": benchmarks,
+    }
+    write_json(out / "metrics.json", metrics)
+    for bench, m in benchmarks.items():
+        plot_benchmark(bench, m, out / "plots" / f"{bench}.png")
+    (out / "report.md").write_text(render_report(metrics), encoding="utf-8")
+    print_table(metrics)
+    return metrics
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def _rows(m: dict[str, Any]) -> list[list[str]]:
+    return [
+        [
+            mode,
+            str(v["n_samples"]),
+            _pct(v["accuracy"]),
+            f"{_pct(v['ci_low'])}-{_pct(v['ci_high'])}",
+            _pct(v["code_use_rate"]),
+            f"{v['mean_code_calls']:.2f}",
+            _pct(v["code_error_rate"]),
+            f"{v['mean_tokens']:.0f}",
+        ]
+        for mode, v in m["modes"].items()
+    ]
+
+
+HEADER = ["mode", "n", "acc %", "95% CI", "code %", "calls", "err %", "tokens"]
+
+
+def _summary(m: dict[str, Any]) -> str:
+    parts = []
+    if m.get("union") is not None:
+        parts.append(f"union bound (cot or code) {_pct(m['union'])}%")
+    sel = m.get("selection")
+    if sel is not None:
+        parts.append(
+            f"auto selection accuracy {_pct(sel['selection_accuracy'])}% over {sel['n_decisive']} decisive questions"
+            f" ({sel['n_both']} solved by both, {sel['n_neither']} by neither, excluded)"
+        )
+    return "; ".join(parts)
+
+
+def render_report(metrics: dict[str, Any]) -> str:
+    """The Markdown report: one table per benchmark, the analysis line, the plot, the definitions."""
+    lines = [f"# Evaluation of `{metrics['model']}`", ""]
+    for bench, m in metrics["benchmarks"].items():
+        s = metrics["sampling"].get(bench, {})
+        lines += [f"## {bench}", "", f"n = {s.get('n')}, temperature = {s.get('temperature')}", ""]
+        lines += ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+        lines += ["| " + " | ".join(row) + " |" for row in _rows(m)]
+        summary = _summary(m)
+        lines += ["", summary, ""] if summary else [""]
+        lines += [f"![{bench}](plots/{bench}.png)", ""]
+    lines += [
+        "## Definitions",
+        "",
+        f"- Accuracy: mean correctness over all samples; 95% interval: {metrics['ci_method']}.",
+        "- n: samples; code %: share of samples that executed at least one code block; calls: mean executed code"
+        " blocks per sample; err %: share of executed blocks whose status is not ok; tokens: mean model-generated"
+        " tokens.",
+        "- Union bound: mean over questions of max(cot solve rate, code solve rate).",
+        "- Selection accuracy: over auto samples of questions where cot and code solve rates differ, the share"
+        " whose use of code matches the better mode; tied questions are excluded.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def print_table(metrics: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for bench, m in metrics["benchmarks"].items():
+        table = Table(title=bench)
+        for h in HEADER:
+            table.add_column(h, justify="left" if h == "mode" else "right")
+        for row in _rows(m):
+            table.add_row(*row)
+        console.print(table)
+        summary = _summary(m)
+        if summary:
+            console.print(summary)
+
+
+def replace(config: EvalConfig, **changes: Any) -> EvalConfig:
+    """A copy of `config` with the given (non-None) fields changed, checked again."""
+    return dataclasses.replace(config, **{k: v for k, v in changes.items() if v is not None})

@@ -1,0 +1,93 @@
+"""The default backend: transformers `generate`, batched with left padding, on CPU or GPU.
+
+Stop strings use transformers' own `stop_strings` criterion (it needs the tokenizer passed to
+`generate`); a row that stopped keeps being padded while its neighbours run, so each row is cut
+afterwards at the token that completed the stop string or at its first EOS (`finish_generation`).
+
+Simplifications: one `max_new_tokens` per batch (the largest remaining budget in it; rows are cut
+to their own budget afterwards) and one torch seed per batch call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from autocode4math.rollout.engine import Generation, GenerationRequest, SamplingParams, finish_generation
+
+
+class HFBackend:
+    """Batched generation with a transformers causal LM.
+
+    `model` is a path / hub id or an already loaded model (then `tokenizer` is required).
+    bf16 on GPU, float32 on CPU unless `dtype` says otherwise.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any = None,
+        *,
+        device: str | None = None,
+        dtype: str | None = None,
+        batch_size: int = 16,
+    ) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if isinstance(model, str):
+            torch_dtype = (
+                getattr(torch, dtype) if dtype else (torch.bfloat16 if self.device != "cpu" else torch.float32)
+            )
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(model)
+            model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype)
+        elif tokenizer is None:
+            raise ValueError("HFBackend: pass a tokenizer together with a loaded model")
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        eos = self.model.generation_config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        if tokenizer.eos_token_id is not None:
+            eos.append(tokenizer.eos_token_id)
+        self.eos_ids = set(eos)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+
+    def generate(self, requests: Sequence[GenerationRequest], sampling: SamplingParams) -> list[Generation]:
+        out: list[Generation] = []
+        for start in range(0, len(requests), self.batch_size):
+            out += self._batch(requests[start : start + self.batch_size], sampling)
+        return out
+
+    def _batch(self, requests: Sequence[GenerationRequest], sampling: SamplingParams) -> list[Generation]:
+        import torch
+
+        width = max(len(r.ids) for r in requests)
+        ids = torch.full((len(requests), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(requests), width), dtype=torch.long)
+        for row, r in enumerate(requests):
+            ids[row, width - len(r.ids) :] = torch.tensor(r.ids, dtype=torch.long)
+            attention[row, width - len(r.ids) :] = 1
+        kwargs: dict[str, Any] = {"do_sample": False}
+        if sampling.temperature > 0:
+            torch.manual_seed(requests[0].seed)
+            kwargs = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p}
+        with torch.no_grad():
+            sequences = self.model.generate(
+                input_ids=ids.to(self.device),
+                attention_mask=attention.to(self.device),
+                max_new_tokens=max(r.max_tokens for r in requests),
+                stop_strings=[sampling.stop],
+                tokenizer=self.tokenizer,
+                pad_token_id=self.pad_id,
+                top_k=None,
+                **kwargs,
+            )
+        new = sequences[:, width:].tolist()
+        return [
+            finish_generation(row, self.tokenizer, sampling.stop, r.max_tokens, self.eos_ids)
+            for row, r in zip(new, requests, strict=True)
+        ]

@@ -1,0 +1,363 @@
+"""The embedded toy world: synthetic math word problems whose CoT/code boundary is designed.
+
+This is a designed testbed, not a benchmark of mathematical ability. Its three families are built so
+that a ~2M-parameter model shows the phenomena of the paper on a CPU in minutes:
+
+- `arith`  (short sums and differences of two-digit numbers): the tiny model can do these in its
+  head and with code; neither mode should win.
+- `mul`    (multi-digit multiplication in a one-line story): the chain of thought needs partial
+  products and a multi-term sum with carries, beyond the tiny model's arithmetic; the program is
+  `print(a * b)`, two numbers to copy. Code should win.
+- `story`  (a person's count changes through 2-4 events, numbers below 10): the chain of thought is a
+  few one-step sums of small numbers, next to the words that define them. The program must state the
+  whole story as one expression whose signs and parentheses depend on events far back in the
+  question (program-of-thought style), and programs for this family are rare in the pretraining
+  corpus (`BaseMix.story_code_share`). Both are properties of the model's data and capacity, not of
+  the writer: every program the writer emits is correct and is run to fill its output block.
+
+The difficulty knob (1-3) lengthens each family: more terms, more digits, more events.
+
+Solutions follow the rollout engine's format exactly: reasoning text; code in a python block followed
+at once by its output block (the output filled by running the code); the answer as `\\boxed{N}`.
+Code responses start with the code prefix (`prompts.CODE_PREFIX` + newline), which is forced in `code`
+mode and chosen by the model in `auto` mode.
+
+Deliberately simplified: integer answers only, English templates with a handful of names and nouns,
+no units beyond the noun; the writers' code is run with a plain `exec` because it is our own code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from autocode4math.io import read_jsonl, write_jsonl
+from autocode4math.prompts import CODE_PREFIX, build_prompt
+
+DIFFICULTIES = (1, 2, 3)
+SPLITS = {"train": (2000, 101), "dev": (300, 202), "test": (600, 303)}
+"""Shipped split sizes and their seeds."""
+DATA_DIR = Path(__file__).parent / "data" / "toy"
+
+
+@dataclass(frozen=True)
+class ToyItem:
+    """One generated problem with the structure its writers need."""
+
+    family: str
+    difficulty: int
+    question: str
+    answer: int
+    spec: dict[str, Any] = field(default_factory=dict, compare=False)
+    """Family-specific structure (numbers, events) the writers use."""
+
+    def to_row(self, idx: str) -> dict[str, Any]:
+        """The benchmark row: {id, question, answer, benchmark, meta}."""
+        meta = {"family": self.family, "difficulty": self.difficulty}
+        return {"id": idx, "question": self.question, "answer": self.answer, "benchmark": "toy", "meta": meta}
+
+
+def run_code(code: str) -> str:
+    """Run our own writer's code and return what it printed (trusted code only, not model output)."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        exec(code, {})  # noqa: S102 - the writers' own programs, never model output
+    return buf.getvalue().strip()
+
+
+def code_response(code: str) -> str:
+    """A code solution in the rollout engine's exact format, its output filled by running the code."""
+    output = run_code(code)
+    return f"```python\n{code}\n```\n```output\n{output}\n```\nThe answer is \\boxed{{{output}}}."
+
+
+def _answer(n: int) -> str:
+    return f"The answer is \\boxed{{{n}}}."
+
+
+# --- arith: small mental arithmetic -------------------------------------------------------------
+
+
+def _gen_arith(rng: random.Random, difficulty: int) -> ToyItem:
+    terms = [rng.randint(10, 60)]
+    ops: list[str] = []
+    value = terms[0]
+    for _ in range(difficulty):
+        n = rng.randint(10, 60)
+        op = "-" if n <= value and rng.random() < 0.5 else "+"
+        value = value + n if op == "+" else value - n
+        terms.append(n)
+        ops.append(op)
+    expr = _expr(terms, ops)
+    return ToyItem("arith", difficulty, f"Compute {expr}.", value, {"terms": terms, "ops": ops})
+
+
+def _expr(terms: list[int], ops: list[str]) -> str:
+    return str(terms[0]) + "".join(f" {op} {n}" for op, n in zip(ops, terms[1:], strict=True))
+
+
+def _cot_arith(item: ToyItem) -> str:
+    terms, ops = item.spec["terms"], item.spec["ops"]
+    value, steps = terms[0], []
+    for op, n in zip(ops, terms[1:], strict=True):
+        new = value + n if op == "+" else value - n
+        steps.append(f"{value} {op} {n} = {new}.")
+        value = new
+    return " ".join(steps) + " " + _answer(value)
+
+
+def _code_arith(item: ToyItem) -> str:
+    return f"print({_expr(item.spec['terms'], item.spec['ops'])})"
+
+
+# --- mul: long multiplication -------------------------------------------------------------------
+
+_MUL_DIGITS = {1: (2, 1), 2: (3, 2), 3: (3, 3)}
+_MUL_TEMPLATES = (
+    "A crate holds {a} bottles. How many bottles are in {b} crates?",
+    "Each ticket costs {a} dollars. How many dollars do {b} tickets cost?",
+    "A farm has {b} rows with {a} trees in each row. How many trees are there?",
+)
+
+
+def _digits(rng: random.Random, n: int) -> int:
+    return rng.randint(10 ** (n - 1) + 1, 10**n - 1)
+
+
+def _gen_mul(rng: random.Random, difficulty: int) -> ToyItem:
+    da, db = _MUL_DIGITS[difficulty]
+    a, b = _digits(rng, da), _digits(rng, db)
+    question = rng.choice(_MUL_TEMPLATES).format(a=a, b=b)
+    return ToyItem("mul", difficulty, question, a * b, {"a": a, "b": b})
+
+
+def _cot_mul(item: ToyItem) -> str:
+    a, b = item.spec["a"], item.spec["b"]
+    text = str(b)
+    parts = [int(d) * 10 ** (len(text) - 1 - i) for i, d in enumerate(text) if d != "0"]
+    if len(parts) == 1:
+        return f"{a} * {b} = {a * b}. " + _answer(a * b)
+    split = " + ".join(f"{a} * {p}" for p in parts)
+    products = " + ".join(str(a * p) for p in parts)
+    return f"{a} * {b} = {split} = {products} = {a * b}. " + _answer(a * b)
+
+
+def _code_mul(item: ToyItem) -> str:
+    return f"print({item.spec['a']} * {item.spec['b']})"
+
+
+# --- story: a count that changes through small events -------------------------------------------
+
+_PEOPLE = (("Mia", "she"), ("Tom", "he"), ("Ana", "she"), ("Leo", "he"), ("Eva", "she"), ("Sam", "he"))
+_OBJECTS = ("shells", "apples", "coins", "stamps", "cards", "marbles")
+_EVENTS = {
+    "found": ("+", "finds {k} more"),
+    "bought": ("+", "buys {k} more"),
+    "given": ("-", "gives {k} away"),
+    "lost": ("-", "loses {k}"),
+    "doubled": ("*", "doubles them"),
+}
+
+
+def _gen_story(rng: random.Random, difficulty: int) -> ToyItem:
+    name, pronoun = rng.choice(_PEOPLE)
+    obj = rng.choice(_OBJECTS)
+    value = start = rng.randint(2, 9)
+    events: list[tuple[str, int]] = []
+    for _ in range(difficulty + 1):
+        kinds = [k for k in _EVENTS if k != "doubled" or (value <= 12 and all(e[0] != k for e in events))]
+        kind = rng.choice([k for k in kinds if _EVENTS[k][0] != "-" or value >= 2])
+        k = 2 if kind == "doubled" else rng.randint(1, 9 if _EVENTS[kind][0] == "+" else min(9, value - 1))
+        value = _apply(value, _EVENTS[kind][0], k)
+        events.append((kind, k))
+    sentences = [f"{name} has {start} {obj}."]
+    for kind, k in events:
+        sentences.append(f"Then {pronoun} {_EVENTS[kind][1].format(k=k)}.")
+    sentences.append(f"How many {obj} does {name} have now?")
+    return ToyItem("story", difficulty, " ".join(sentences), value, {"start": start, "obj": obj, "events": events})
+
+
+def _apply(value: int, op: str, k: int) -> int:
+    return value + k if op == "+" else value - k if op == "-" else value * k
+
+
+def _cot_story(item: ToyItem) -> str:
+    value, steps = item.spec["start"], []
+    for kind, k in item.spec["events"]:
+        op = _EVENTS[kind][0]
+        new = _apply(value, op, k)
+        steps.append(f"{value} {op} {k} = {new}.")
+        value = new
+    return " ".join(steps) + " " + _answer(value)
+
+
+def _code_story(item: ToyItem) -> str:
+    """Program-of-thought style: name each quantity, then one expression for the whole story."""
+    lines, expr = [f"{item.spec['obj']} = {item.spec['start']}"], item.spec["obj"]
+    used: list[str] = []
+    for kind, k in item.spec["events"]:
+        op = _EVENTS[kind][0]
+        if op == "*":
+            expr = f"({expr}) * 2" if " " in expr else f"{expr} * 2"
+            continue
+        name = kind if kind not in used else f"{kind}_{used.count(kind) + 1}"
+        used.append(kind)
+        lines.append(f"{name} = {k}")
+        expr = f"{expr} {op} {name}"
+    return "\n".join([*lines, f"print({expr})"])
+
+
+@dataclass(frozen=True)
+class Family:
+    """A problem family: a generator with a difficulty knob, a CoT writer and a code writer."""
+
+    name: str
+    generate: Callable[[random.Random, int], ToyItem]
+    cot: Callable[[ToyItem], str]
+    code: Callable[[ToyItem], str]
+    """Returns the program only; `code_response` turns it into a full solution."""
+
+
+FAMILIES: dict[str, Family] = {
+    "arith": Family("arith", _gen_arith, _cot_arith, _code_arith),
+    "mul": Family("mul", _gen_mul, _cot_mul, _code_mul),
+    "story": Family("story", _gen_story, _cot_story, _code_story),
+}
+
+
+def generate(family: str, difficulty: int, rng: random.Random) -> ToyItem:
+    """One problem of `family` at `difficulty` (1-3)."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown toy family {family!r}; expected one of {sorted(FAMILIES)}")
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"toy difficulty must be one of {DIFFICULTIES}, got {difficulty!r}")
+    return FAMILIES[family].generate(rng, difficulty)
+
+
+def write_cot(item: ToyItem) -> str:
+    """The chain-of-thought solution of `item`."""
+    return FAMILIES[item.family].cot(item)
+
+
+def write_code(item: ToyItem) -> str:
+    """The code solution of `item` (without the code prefix), its output block filled by running it."""
+    response = code_response(FAMILIES[item.family].code(item))
+    if not response.endswith(f"\\boxed{{{item.answer}}}."):
+        raise AssertionError(f"code writer for {item.family!r} disagrees with the answer {item.answer}: {response!r}")
+    return response
+
+
+def stream(seed: int, exclude: set[str] | None = None) -> Iterator[ToyItem]:
+    """An endless stream of problems, families and difficulties uniform, skipping `exclude`d questions."""
+    rng = random.Random(seed)
+    seen = set(exclude or ())
+    while True:
+        item = generate(rng.choice(list(FAMILIES)), rng.choice(DIFFICULTIES), rng)
+        if item.question not in seen:
+            seen.add(item.question)
+            yield item
+
+
+def make_split(split: str, exclude: set[str] | None = None) -> list[ToyItem]:
+    """The problems of a shipped split (fixed size and seed), none of whose questions is in `exclude`."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown toy split {split!r}; expected one of {sorted(SPLITS)}")
+    size, seed = SPLITS[split]
+    items = stream(seed, exclude)
+    return [next(items) for _ in range(size)]
+
+
+def write_splits(out_dir: str | Path = DATA_DIR) -> dict[str, Path]:
+    """Write test, dev and train (in that order, each disjoint from the ones before) as JSONL."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    taken: set[str] = set()
+    paths = {}
+    for split in ("test", "dev", "train"):
+        items = make_split(split, taken)
+        taken.update(item.question for item in items)
+        paths[split] = out_dir / f"{split}.jsonl"
+        write_jsonl(paths[split], [item.to_row(f"toy-{split}-{i}") for i, item in enumerate(items)])
+    return paths
+
+
+def held_out_questions(data_dir: str | Path = DATA_DIR) -> set[str]:
+    """Questions of the shipped dev and test splits, kept out of every training corpus."""
+    return {row["question"] for split in ("dev", "test") for row in read_jsonl(Path(data_dir) / f"{split}.jsonl")}
+
+
+# --- demonstrations for pretraining --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Demo:
+    """One training sequence: prompt, forced-or-chosen prefix, response."""
+
+    prompt: str
+    prefix: str
+    """Forced start of the response (code mode), "" otherwise; never trained on."""
+    response: str
+    """Trained text; in auto-mode code demos it starts with the code prefix the model chooses."""
+
+
+@dataclass
+class BaseMix:
+    """Composition of the base model's corpus (the paper's base: mostly CoT, a little code)."""
+
+    auto_share: float = 0.5
+    """Share of demos with the auto prompt answered by the model itself."""
+    cot_share: float = 0.25
+    """Share of demos with the cot prompt (always CoT)."""
+    auto_code_rate: float = 0.03
+    """Chance that an auto-mode demo is answered with code (the paper's base models: under 5%)."""
+    story_code_share: float = 0.1
+    """Chance that a story problem drawn for a code demo keeps it (else it becomes a cot demo):
+    programs for stories are rare in the corpus, as code for word problems is in real corpora."""
+
+    def __post_init__(self) -> None:
+        for name in ("auto_share", "cot_share", "auto_code_rate", "story_code_share"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"BaseMix.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.auto_share + self.cot_share > 1.0:
+            raise ValueError("BaseMix.auto_share + cot_share must be at most 1 (the rest are code-mode demos)")
+
+
+def demo(item: ToyItem, mode: str, use_code: bool) -> Demo:
+    """A demonstration of `item`: `mode` picks the prompt; code demos in `code` mode force the prefix."""
+    prompt = build_prompt(item.question, mode)
+    if not use_code:
+        return Demo(prompt.text, "", write_cot(item))
+    code = write_code(item)
+    if mode == "code":
+        return Demo(prompt.text, prompt.prefix, code)
+    return Demo(prompt.text, "", CODE_PREFIX + "\n" + code)
+
+
+def base_corpus(n: int, seed: int, mix: BaseMix | None = None, exclude: set[str] | None = None) -> list[Demo]:
+    """The base model's corpus: mostly CoT, code mostly behind the forced prefix, story code rare."""
+    mix = mix or BaseMix()
+    rng = random.Random(seed + 1)
+    items = stream(seed, exclude)
+    out = []
+    while len(out) < n:
+        item, r = next(items), rng.random()
+        mode = "auto" if r < mix.auto_share else "cot" if r < mix.auto_share + mix.cot_share else "code"
+        use_code = mode == "code" or (mode == "auto" and rng.random() < mix.auto_code_rate)
+        if use_code and item.family == "story" and rng.random() >= mix.story_code_share:
+            mode, use_code = "cot", False
+        out.append(demo(item, mode, use_code))
+    return out
+
+
+def sft_corpus(n: int, seed: int, code_rate: float = 0.5, exclude: set[str] | None = None) -> list[Demo]:
+    """A fixed tool-integrated SFT set: auto prompts, code chosen at random, not tied to the family."""
+    if not 0.0 <= code_rate <= 1.0:
+        raise ValueError(f"code_rate must be in [0, 1], got {code_rate}")
+    rng = random.Random(seed + 1)
+    items = stream(seed, exclude)
+    return [demo(next(items), "auto", rng.random() < code_rate) for _ in range(n)]

@@ -1,0 +1,156 @@
+"""The analysis formulas on hand-built records, with expected values derived in comments."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from autocode4math.analysis import (
+    all_metrics,
+    bootstrap_ci,
+    mode_metrics,
+    plot_benchmark,
+    selection_accuracy,
+    union_bound,
+)
+
+
+def rec(q, mode, correct, used_code=False, sample=0, blocks=(), tokens=10, finish="answer"):
+    return {
+        "id": q,
+        "benchmark": "b",
+        "mode": mode,
+        "sample": sample,
+        "correct": correct,
+        "used_code": used_code,
+        "n_code_calls": sum(s != "not_run" for s in blocks),
+        "code_blocks": [{"status": s} for s in blocks],
+        "n_generated_tokens": tokens,
+        "finish_reason": finish,
+    }
+
+
+def test_mode_metrics_counts_exactly():
+    records = [
+        rec("q1", "auto", True, True, blocks=("ok", "error"), tokens=10),
+        rec("q2", "auto", False, True, blocks=("ok", "not_run"), tokens=20, finish="round_limit"),
+        rec("q3", "auto", True, False, tokens=30),
+        rec("q4", "auto", False, False, tokens=40, finish="length"),
+    ]
+    m = mode_metrics(records)
+    assert m["accuracy"] == 0.5  # 2 of 4
+    assert m["code_use_rate"] == 0.5
+    assert m["mean_code_calls"] == 0.75  # (2 + 1 + 0 + 0) / 4: the not_run block is not a call
+    assert m["code_error_rate"] == pytest.approx(1 / 3)  # 3 executed blocks, 1 error
+    assert m["mean_tokens"] == 25
+    assert m["finish_reasons"] == {"answer": 2, "length": 1, "round_limit": 1}
+    assert m["ci_low"] <= 0.5 <= m["ci_high"]
+
+
+def test_code_error_rate_is_none_without_code():
+    assert mode_metrics([rec("q", "cot", True)])["code_error_rate"] is None
+
+
+def test_bootstrap_resamples_questions_not_samples():
+    # q1: 4 samples all right, q2: 4 samples all wrong. Any resample of questions has mean 0, 0.5 or 1,
+    # so the interval spans [0, 1]; a sample-level bootstrap would give a much narrower interval.
+    records = [rec("q1", "cot", True, sample=s) for s in range(4)] + [
+        rec("q2", "cot", False, sample=s) for s in range(4)
+    ]
+    assert bootstrap_ci(records) == (0.0, 1.0)
+    # all correct: every resample has mean 1
+    assert bootstrap_ci([rec(f"q{i}", "cot", True) for i in range(5)]) == (1.0, 1.0)
+    assert all(math.isnan(x) for x in bootstrap_ci([]))
+
+
+def test_bootstrap_interval_narrows_with_more_questions():
+    small = [rec(f"q{i}", "cot", i % 2 == 0) for i in range(10)]
+    large = [rec(f"q{i}", "cot", i % 2 == 0) for i in range(400)]
+    lo_s, hi_s = bootstrap_ci(small)
+    lo_l, hi_l = bootstrap_ci(large)
+    assert hi_l - lo_l < hi_s - lo_s
+    assert lo_l < 0.5 < hi_l
+
+
+def test_union_bound_single_sample():
+    # q1: both solve, q2: cot only, q3: code only, q4: neither -> union = 3/4
+    cot = [rec("q1", "cot", True), rec("q2", "cot", True), rec("q3", "cot", False), rec("q4", "cot", False)]
+    code = [rec("q1", "code", True), rec("q2", "code", False), rec("q3", "code", True), rec("q4", "code", False)]
+    assert union_bound(cot, code) == 0.75
+
+
+def test_union_bound_multi_sample_takes_per_question_max():
+    # q1: cot 1/2, code 2/2 -> 1.0 ; q2: cot 1/2, code 0/2 -> 0.5 ; union = 0.75
+    cot = [
+        rec("q1", "cot", True, sample=0),
+        rec("q1", "cot", False, sample=1),
+        rec("q2", "cot", True, sample=0),
+        rec("q2", "cot", False, sample=1),
+    ]
+    code = [
+        rec("q1", "code", True, sample=0),
+        rec("q1", "code", True, sample=1),
+        rec("q2", "code", False, sample=0),
+        rec("q2", "code", False, sample=1),
+    ]
+    assert union_bound(cot, code) == 0.75
+    assert union_bound(cot, []) is None
+
+
+def test_selection_accuracy_single_sample():
+    cot = [
+        rec("q1", "cot", True),
+        rec("q2", "cot", False),
+        rec("q3", "cot", True),
+        rec("q4", "cot", False),
+        rec("q5", "cot", True),
+    ]
+    code = [
+        rec("q1", "code", False),
+        rec("q2", "code", True),
+        rec("q3", "code", True),
+        rec("q4", "code", False),
+        rec("q5", "code", False),
+    ]
+    # decisive: q1 (cot), q2 (code), q5 (cot). auto: q1 no code (right), q2 no code (wrong), q5 code (wrong)
+    auto = [
+        rec("q1", "auto", True, False),
+        rec("q2", "auto", False, False),
+        rec("q3", "auto", True, True),
+        rec("q4", "auto", False, True),
+        rec("q5", "auto", False, True),
+    ]
+    s = selection_accuracy(auto, cot, code)
+    assert s["selection_accuracy"] == pytest.approx(1 / 3)
+    assert (s["n_decisive"], s["n_both"], s["n_neither"], s["n_auto_samples"]) == (3, 1, 1, 3)
+
+
+def test_selection_accuracy_multi_sample_counts_every_auto_sample():
+    # q1: code 2/2 > cot 0/2 -> reference code; auto samples use code in 3 of 4 -> 3/4 right
+    cot = [rec("q1", "cot", False, sample=s) for s in range(2)]
+    code = [rec("q1", "code", True, sample=s) for s in range(2)]
+    auto = [rec("q1", "auto", True, used_code=s != 0, sample=s) for s in range(4)]
+    assert selection_accuracy(auto, cot, code)["selection_accuracy"] == 0.75
+
+
+def test_selection_accuracy_none_without_decisive_questions():
+    cot, code = [rec("q1", "cot", True)], [rec("q1", "code", True)]
+    assert selection_accuracy([rec("q1", "auto", True)], cot, code)["selection_accuracy"] is None
+
+
+def test_all_metrics_and_plot(tmp_path):
+    records = [rec("q1", m, m != "cot", used_code=m != "cot") for m in ("auto", "cot", "code")]
+    records += [dict(r, benchmark="other") for r in records if r["mode"] == "auto"]
+    metrics = all_metrics(records)
+    assert set(metrics) == {"b", "other"}
+    assert metrics["b"]["union"] == 1.0
+    assert metrics["b"]["selection"]["selection_accuracy"] == 1.0
+    assert "union" not in metrics["other"]
+    png = plot_benchmark("b", metrics["b"], tmp_path / "b.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_mode_metrics_rejects_empty():
+    with pytest.raises(ValueError, match="at least one record"):
+        mode_metrics([])

@@ -1,0 +1,315 @@
+"""E-step: Q, pi, s*, advantages and subsampling on hand-built records; the driver through the scripted model."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import random
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from autocode4math.benchmarks import Problem
+from autocode4math.estep import (
+    MID_OFFSET,
+    EStepConfig,
+    add_decision_tokens,
+    advantages,
+    code_prior,
+    cut_point,
+    decision_of,
+    mid_requests,
+    q_values,
+    quotas,
+    reference_strategy,
+    run_estep,
+    subsample,
+)
+from autocode4math.io import read_jsonl
+from autocode4math.prompts import CODE_PREFIX
+from autocode4math.rollout.engine import encode
+
+CP = CODE_PREFIX + "\n"
+
+
+def rec(qid, mode, sample, correct, used_code=False, prefix=None, response="We add.\nSo \\boxed{1}."):
+    prefix = CP if prefix is None and mode == "code" else (prefix or "")
+    return {
+        "id": qid,
+        "benchmark": "toy",
+        "mode": mode,
+        "sample": sample,
+        "prefix": prefix,
+        "response": response,
+        "used_code": used_code,
+        "correct": correct,
+        "finish_reason": "answer",
+        "prompt_ids": [1, 2],
+        "n_generated_tokens": 3,
+    }
+
+
+def query(qid, plain, coded, plain_code=()):
+    """plain: correctness of auto rollouts without code; coded: of code-prefix rollouts; plain_code: auto with code."""
+    rows = [rec(qid, "auto", i, ok) for i, ok in enumerate(plain)]
+    rows += [rec(qid, "auto", len(plain) + i, ok, used_code=True) for i, ok in enumerate(plain_code)]
+    rows += [rec(qid, "code", i, ok, used_code=True) for i, ok in enumerate(coded)]
+    return rows
+
+
+def test_decision_is_prefix_or_executed_code():
+    assert decision_of(rec("q", "auto", 0, True), CODE_PREFIX) == 0
+    assert decision_of(rec("q", "auto", 0, True, used_code=True), CODE_PREFIX) == 1
+    assert decision_of(rec("q", "code", 0, True, used_code=False), CODE_PREFIX) == 1  # prefix forced, no code run
+    assert decision_of(rec("q", "code", 0, True, prefix="First.\n" + CP), CODE_PREFIX) == 1  # mid-reasoning
+
+
+def test_q_values_hand_counts():
+    # c=0: plain rollouts 1,0,0,1 -> 2/4; c=1: prefix rollouts 1,1,1,0 plus one unprompted code user (1) -> 4/5.
+    rows = query("a", [1, 0, 0, 1], [1, 1, 1, 0], plain_code=[1]) + query("b", [0, 0], [])
+    q = q_values(rows, CODE_PREFIX)
+    assert q["a"] == {0: 0.5, 1: 0.8}
+    assert q["b"] == {0: 0.0, 1: None}  # no rollout took c=1
+
+
+def test_code_prior_smoothing():
+    # 5 auto rollouts without prefix, 1 used code: Laplace (1 + 1) / (5 + 2) = 2/7; no smoothing 1/5.
+    rows = query("a", [1, 0, 0, 1], [1, 1, 1, 1], plain_code=[1])
+    assert code_prior(rows, 1.0) == {"a": pytest.approx(2 / 7)}
+    assert code_prior(rows, 0.0) == {"a": pytest.approx(1 / 5)}
+    # 0 of 2: smoothed to 1/4 rather than a certain "never", so c=1 keeps a nonzero energy.
+    assert code_prior(query("b", [1, 1], [1]), 1.0) == {"b": pytest.approx(1 / 4)}
+
+
+def test_reference_strategy_hand_values():
+    # pi(1) = 0.25, Q = (0.5, 1.0), alpha = 2: energies 2*0.75*0.5 = 0.75 and 2*0.25*1 = 0.5,
+    # so s*(0) = e^0.75 / (e^0.75 + e^0.5) = 1 / (1 + e^-0.25) = 0.5622.
+    s = reference_strategy(0.25, {0: 0.5, 1: 1.0}, 2.0)
+    assert s[0] == pytest.approx(1 / (1 + math.exp(-0.25)))
+    assert s[0] + s[1] == pytest.approx(1.0)
+    assert reference_strategy(0.9, {0: 0.1, 1: 0.7}, 0.0) == {0: 0.5, 1: 0.5}  # alpha 0: uniform
+    assert reference_strategy(0.5, {0: 0.3, 1: None}, 5.0) == {0: 1.0, 1: 0.0}  # c=1 has no rollouts
+    with pytest.raises(ValueError, match="pi"):
+        reference_strategy(1.5, {0: 0.5, 1: 0.5}, 1.0)
+
+
+def test_advantages_are_normalised_per_query():
+    # query a: rewards 1,0,0,1 -> mean 0.5, std 0.5 -> +1,-1,-1,+1; query b all correct -> std 0 -> 0.
+    rows = query("a", [1, 0, 0, 1], []) + query("b", [1, 1], [])
+    adv = advantages(rows, eps=1e-12)
+    assert adv[:4] == pytest.approx([1, -1, -1, 1])
+    assert adv[4:] == [0.0, 0.0]
+
+
+def test_quotas_spread_size_evenly():
+    assert quotas(["a", "b", "c"], 4, 0, seed=0) == {"a": 4, "b": 4, "c": 4}
+    q = quotas(["a", "b", "c"], 4, 7, seed=0)
+    assert sum(q.values()) == 7 and sorted(q.values()) == [2, 2, 3]
+
+
+def test_subsample_follows_the_reference_strategy():
+    # pi from 4 plain rollouts (none with code): (0 + 1) / (4 + 2) = 1/6; Q = (0.25, 1.0); alpha = 6:
+    # energies 6*(5/6)*0.25 = 1.25 and 6*(1/6)*1 = 1.0 -> s*(1) = 1 / (1 + e^0.25) = 0.4378.
+    rows = query("a", [1, 0, 0, 0], [1, 1, 1, 1])
+    expected = 1 / (1 + math.exp(0.25))
+    draws = [subsample(rows, EStepConfig(alpha=6.0, per_query=1, seed=s))[0][0]["c"] for s in range(3000)]
+    assert sum(draws) / len(draws) == pytest.approx(expected, abs=0.03)
+
+
+def test_subsample_records_and_audit():
+    rows = query("a", [1, 0, 0, 0], [1, 1, 0, 1]) + query("b", [1, 1], [0, 0])
+    config = EStepConfig(alpha=1.0, per_query=3, seed=3)
+    train, audit = subsample(rows, config)
+    assert train == subsample(rows, config)[0]  # seeded
+    assert [a["id"] for a in audit] == ["a", "b"]
+    a = audit[0]
+    assert a["Q"] == {"0": 0.25, "1": 0.75} and a["n"] == {"0": 4, "1": 4}
+    assert a["pi_code"] == pytest.approx(1 / 6) and sum(a["s_star"].values()) == pytest.approx(1.0)
+    assert len(a["chosen"]) == 3 and len(set(a["chosen"])) == 3  # without replacement
+    assert [t["key"] for t in train if t["id"] == "a"] == a["chosen"]
+    for t in train:
+        assert t["c"] == decision_of(t, CODE_PREFIX) and "advantage" in t
+    assert len(audit[1]["chosen"]) == 3 and audit[1]["Q"] == {"0": 1.0, "1": 0.0}
+
+
+def test_cut_point_stays_before_code_and_the_last_line():
+    rng = random.Random(0)
+    assert cut_point("First line.\nSecond line.\n```python\nprint(1)\n```", rng) == len("First line.\n")
+    assert cut_point("Only one line \\boxed{3}.", rng) is None
+    text = "a\nb\nc\nd"
+    assert {cut_point(text, random.Random(s)) for s in range(50)} == {2, 4, 6}
+
+
+def test_mid_requests_continue_with_and_without_prefix():
+    problems = {"a": Problem("a", "What is 1 + 1?", 2, "toy", {})}
+    rows = query("a", [1, 1], [1]) + [rec("a", "auto", 5, True, used_code=True)]
+    config = EStepConfig(mid_reasoning=True, mid_per_query=1, mid_k=2, seed=0)
+    reqs, partials = mid_requests(rows, problems, config)
+    assert len(reqs) == 4 and {r.sample for r in reqs} == {MID_OFFSET, MID_OFFSET + 1}
+    assert {r.prefix for r in reqs} == {"We add.\n", "We add.\n" + CP}
+    assert all(partials[r.key()] == "We add.\n" for r in reqs)
+    assert mid_requests(rows, problems, config)[0] == reqs
+
+
+def test_add_decision_tokens(tiny_tokenizer):
+    prompt_ids = encode(tiny_tokenizer, "Question: x\n")
+    plain = {**rec("a", "auto", 0, True), "prompt_ids": prompt_ids, "c": 0}
+    add_decision_tokens(plain, tiny_tokenizer, CP, CODE_PREFIX)
+    assert plain["decision_context_ids"] == prompt_ids and plain["decision_ids"] == encode(tiny_tokenizer, CP)
+    mid = {
+        **rec("a", "code", 0, True, prefix="We add.\n" + CP),
+        "prompt_ids": prompt_ids,
+        "c": 1,
+        "partial": "We add.\n",
+    }
+    add_decision_tokens(mid, tiny_tokenizer, CP, CODE_PREFIX)
+    assert mid["decision_context_ids"] == prompt_ids + encode(tiny_tokenizer, "We add.\n")
+    unprompted = {**rec("a", "auto", 0, True, used_code=True), "prompt_ids": prompt_ids, "c": 1}
+    add_decision_tokens(unprompted, tiny_tokenizer, CP, CODE_PREFIX)
+    assert unprompted["decision_ids"] == []  # its decision is in its own tokens, not in the prefix
+
+
+def test_config_checks():
+    with pytest.raises(ValueError, match="c0_mode"):
+        EStepConfig(c0_mode="plain")
+    with pytest.raises(ValueError, match="k must be"):
+        EStepConfig(k=0)
+
+
+# --- the driver, through the scripted model ---
+
+
+@dataclass
+class _Result:
+    status: str
+    stdout: str
+    error: str = ""
+
+    def feedback(self) -> str:
+        return self.stdout
+
+
+class FakeSandbox:
+    """Runs code with exec in this process: enough for scripted, trusted test code."""
+
+    def open_session(self) -> str:
+        return "s"
+
+    def close_session(self, session: str) -> None:
+        pass
+
+    def run_many(self, requests):
+        out = []
+        for _, code in requests:
+            buf = io.StringIO()
+            try:
+                with contextlib.redirect_stdout(buf):
+                    exec(code, {})
+                out.append(_Result("ok", buf.getvalue()))
+            except Exception as e:  # a random model's code
+                out.append(_Result("error", buf.getvalue(), repr(e)))
+        return out
+
+
+def _grader(items):
+    from autocode4math.grading import grade
+
+    return [grade(r, g, b) for r, g, b in items]
+
+
+def _responder(context: str) -> str:
+    """Question 'code-wins': CoT is wrong, code right; 'cot-wins': the reverse. Code is used only after the prefix."""
+    wins = "code" if "6 times 7" in context else "cot"
+    if "```output" in context:
+        return "So the answer is \\boxed{42}." if wins == "code" else "So the answer is \\boxed{0}."
+    if CODE_PREFIX in context:
+        return "We compute.\n```python\nprint(6 * 7)\n```\n```output"
+    answer = 42 if wins == "cot" else 41
+    return f"We multiply the numbers.\nThus \\boxed{{{answer}}}."
+
+
+PROBLEMS = [
+    Problem("code-wins", "What is 6 times 7?", 42, "toy", {}),
+    Problem("cot-wins", "What is 7 times 6?", 42, "toy", {}),
+]
+
+
+def _run(tmp_path, tokenizer, config, name="out"):
+    from autocode4math.rollout.scripted import ScriptedBackend
+
+    backend = ScriptedBackend(tokenizer, _responder)
+    out = tmp_path / name
+    summary = run_estep(backend, PROBLEMS, config, out, sandbox=FakeSandbox(), grader=_grader, progress=False)
+    return out, summary, backend
+
+
+def test_run_estep_writes_train_and_audit(tmp_path, tiny_tokenizer):
+    config = EStepConfig(k=2, per_query=2, alpha=4.0)
+    out, summary, _ = _run(tmp_path, tiny_tokenizer, config)
+    audit = {a["id"]: a for a in read_jsonl(out / "audit.jsonl")}
+    assert audit["code-wins"]["Q"] == {"0": 0.0, "1": 1.0}
+    assert audit["cot-wins"]["Q"] == {"0": 1.0, "1": 0.0}
+    assert audit["code-wins"]["pi_code"] == pytest.approx(1 / 4)  # 0 of 2 plain rollouts used code
+    train = list(read_jsonl(out / "train.jsonl"))
+    assert summary["n_rollouts"] == 8 and summary["n_train"] == len(train) == 4
+    for t in train:
+        assert t["decision_ids"] == encode(tiny_tokenizer, CP) and t["decision_context_ids"] == t["prompt_ids"]
+        assert t["c"] == (1 if t["mode"] == "code" else 0)
+    assert (out / "estep_config.yaml").exists()
+
+
+def test_run_estep_resumes_from_its_rollouts(tmp_path, tiny_tokenizer):
+    config = EStepConfig(k=2, per_query=2)
+    out, _, first = _run(tmp_path, tiny_tokenizer, config)
+    lines = (out / "rollouts.jsonl").read_text().splitlines(keepends=True)
+    (out / "rollouts.jsonl").write_text("".join(lines[:5]) + lines[5][:40])  # killed while writing line 6
+    train_before = (out / "train.jsonl").read_text()
+    (out / "train.jsonl").unlink()
+    _, summary, again = _run(tmp_path, tiny_tokenizer, config)
+    assert summary["n_rollouts"] == 8
+    assert len((out / "rollouts.jsonl").read_text().splitlines()) == 8
+    assert sum(again.calls) < sum(first.calls)  # only the 3 missing trajectories were generated
+    assert (out / "train.jsonl").read_text() == train_before
+
+
+def test_run_estep_mid_reasoning(tmp_path, tiny_tokenizer):
+    config = EStepConfig(k=2, per_query=3, mid_reasoning=True, mid_per_query=1, mid_k=1)
+    out, summary, _ = _run(tmp_path, tiny_tokenizer, config)
+    rows = list(read_jsonl(out / "rollouts.jsonl"))
+    mid = [r for r in rows if r.get("origin") == "mid"]
+    assert len(mid) == 4 and summary["n_rollouts"] == 12
+    assert {r["partial"] for r in mid} == {"We multiply the numbers.\n"}
+    with_prefix = [r for r in mid if r["mode"] == "code"]
+    assert all(r["used_code"] and r["prefix"] == "We multiply the numbers.\n" + CP for r in with_prefix)
+    audit = {a["id"]: a for a in read_jsonl(out / "audit.jsonl")}
+    assert audit["code-wins"]["n"] == {"0": 3, "1": 3}  # 2 plain + 1 mid without prefix; 2 prefix + 1 mid with
+    for t in read_jsonl(out / "train.jsonl"):
+        if t.get("origin") == "mid":
+            assert t["decision_context_ids"] == t["prompt_ids"] + encode(tiny_tokenizer, t["partial"])
+    assert json.loads((out / "summary.json").read_text())["n_train"] == 6
+
+
+@pytest.mark.slow
+def test_estep_then_mstep_with_the_hf_backend(tmp_path, tiny_model_dir):
+    """The real path on a tiny random model: HF generation -> train.jsonl -> M-step -> a loadable checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    from autocode4math.mstep import MStepConfig, run_mstep
+    from autocode4math.rollout.engine import RolloutConfig
+
+    config = EStepConfig(k=2, per_query=2, batch_size=8, rollout=RolloutConfig(max_new_tokens=12, temperature=1.0))
+    summary = run_estep(
+        str(tiny_model_dir), PROBLEMS, config, tmp_path / "e", sandbox=FakeSandbox(), grader=_grader, progress=False
+    )
+    assert summary["n_rollouts"] == 8 and summary["n_train"] == 4
+    mconfig = MStepConfig(lr=1e-3, micro_batch_size=2, grad_accum=2, max_steps=1)
+    model_dir = run_mstep(tiny_model_dir, tmp_path / "e" / "train.jsonl", mconfig, tmp_path / "m", progress=False)
+    before, after = (
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        AutoModelForCausalLM.from_pretrained(model_dir),
+    )
+    changed = [not torch.equal(a, b) for a, b in zip(before.parameters(), after.parameters(), strict=True)]
+    assert any(changed)

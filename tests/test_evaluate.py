@@ -1,0 +1,158 @@
+"""`autocode eval` end to end: a scripted model with known behaviour per mode, exact metrics, resume, CLI."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+from autocode4math.cli import app
+from autocode4math.evaluate import EvalConfig, replace, run_eval, sampling_for
+from autocode4math.io import read_jsonl
+from autocode4math.prompts import CODE_PREFIX
+from autocode4math.rollout.scripted import ScriptedBackend
+from autocode4math.sandbox import SandboxPool
+
+
+def tiny_benchmark(path, count=4):
+    rows = [{"id": f"q{a}", "question": f"What is {a} plus 10?", "answer": str(a + 10)} for a in range(count)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def responder(ctx: str) -> str:
+    """cot is right only for even a; code always runs print(a + 10); auto uses code only when a < 2."""
+    a = int(re.search(r"What is (\d+) plus 10", ctx).group(1))
+    if "```output" in ctx:
+        return f"The output shows it: \\boxed{{{ctx.rsplit('```output', 1)[1].split()[0]}}}"
+    code = f"```python\nprint({a} + 10)\n```\n```output"
+    if CODE_PREFIX in ctx:
+        return code
+    if "without writing code" in ctx or a >= 2:
+        return f"{a} plus 10 is \\boxed{{{a + 10 + a % 2}}}."
+    return code
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with SandboxPool(workers=2) as p:
+        yield p
+
+
+def test_metrics_match_the_scripted_behaviour(tmp_path, tiny_tokenizer, pool):
+    cfg = EvalConfig(
+        model="scripted",
+        benchmarks=[],
+        benchmark_files=[str(tiny_benchmark(tmp_path / "tiny.jsonl"))],
+        out=str(tmp_path / "run"),
+    )
+    metrics = run_eval(cfg, backend=ScriptedBackend(tiny_tokenizer, responder), sandbox=pool, progress=False)
+    m = metrics["benchmarks"]["tiny"]
+    # cot: q0, q2 right -> 0.5 ; code: all right ; auto: q0, q1 by code, q2 by cot right, q3 wrong -> 0.75
+    assert {k: v["accuracy"] for k, v in m["modes"].items()} == {"auto": 0.75, "code": 1.0, "cot": 0.5}
+    assert m["modes"]["auto"]["code_use_rate"] == 0.5
+    assert m["modes"]["code"]["mean_code_calls"] == 1.0
+    assert m["modes"]["code"]["code_error_rate"] == 0.0
+    assert m["modes"]["cot"]["code_error_rate"] is None
+    assert m["union"] == 1.0
+    # decisive questions: q1, q3 (code better); auto used code on q1 only -> 1/2
+    assert m["selection"] == {
+        "selection_accuracy": 0.5,
+        "n_decisive": 2,
+        "n_both": 2,
+        "n_neither": 0,
+        "n_auto_samples": 2,
+    }
+    assert metrics["sampling"] == {"tiny": {"n": 1, "temperature": 0.0}}
+    out = tmp_path / "run"
+    rows = list(read_jsonl(out / "samples.jsonl"))
+    assert len(rows) == 12 and all("response" in r for r in rows)
+    assert json.loads((out / "metrics.json").read_text())["benchmarks"]["tiny"]["union"] == 1.0
+    report = (out / "report.md").read_text()
+    assert "## tiny" in report and "selection accuracy 50.0%" in report and "plots/tiny.png" in report
+    assert (out / "plots" / "tiny.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "config.yaml").exists()
+
+
+def test_resume_generates_only_missing_samples(tmp_path, tiny_tokenizer, pool):
+    bench = tiny_benchmark(tmp_path / "tiny.jsonl")
+    cfg = EvalConfig(model="scripted", benchmarks=[], benchmark_files=[str(bench)], out=str(tmp_path / "run"))
+    run_eval(cfg, backend=ScriptedBackend(tiny_tokenizer, responder), sandbox=pool, progress=False)
+    samples = tmp_path / "run" / "samples.jsonl"
+    lines = samples.read_text().splitlines(keepends=True)
+    samples.write_text("".join(lines[:5]) + lines[5][:20])  # killed while writing line 6
+    seen = []
+    backend = ScriptedBackend(tiny_tokenizer, lambda ctx: seen.append(ctx) or responder(ctx))
+    metrics = run_eval(cfg, backend=backend, sandbox=pool, progress=False)
+    rows = list(read_jsonl(samples))
+    keys = [(r["mode"], r["id"], r["sample"]) for r in rows]
+    assert len(keys) == 12 == len(set(keys))
+    assert sum(backend.calls[:1]) == 7  # the 7 missing samples start together in the first round
+    assert metrics["benchmarks"]["tiny"]["modes"]["auto"]["accuracy"] == 0.75
+    backend = ScriptedBackend(tiny_tokenizer, responder)
+    run_eval(cfg, backend=backend, sandbox=pool, progress=False)
+    assert backend.calls == []  # nothing left to do
+    with pytest.raises(ValueError, match=r"different \['temperature'\]"):
+        run_eval(replace(cfg, temperature=0.7), backend=backend, sandbox=pool, progress=False)
+    run_eval(replace(cfg, limit=2), backend=backend, sandbox=pool, progress=False)  # a subset is fine
+    assert backend.calls == []
+
+
+def test_paper_sampling_defaults_and_overrides():
+    cfg = EvalConfig(model="m")
+    assert sampling_for("aime24", cfg) == (64, 0.6)
+    assert sampling_for("amc23", cfg) == (64, 0.6)
+    assert sampling_for("gsm8k", cfg) == (1, 0.0)
+    assert sampling_for("aime24", EvalConfig(model="m", n=4, temperature=1.0)) == (4, 1.0)
+    assert sampling_for("math500", EvalConfig(model="m", temperature=0.0)) == (1, 0.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"modes": ["magic"]}, "modes"),
+        ({"backend": "x"}, "backend"),
+        ({"n": 0}, "n must"),
+        ({"benchmarks": []}, "at least one benchmark"),
+        ({"limit": 0}, "limit"),
+    ],
+)
+def test_config_checks(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        EvalConfig(model="m", **kwargs)
+
+
+@pytest.mark.slow
+def test_cli_eval_on_the_tiny_model(tmp_path, tiny_model_dir):
+    bench = tiny_benchmark(tmp_path / "tiny.jsonl", count=2)
+    args = [
+        "eval",
+        "--model",
+        str(tiny_model_dir),
+        "--benchmark-file",
+        str(bench),
+        "--modes",
+        "auto,cot,code",
+        "--out",
+        str(tmp_path / "run"),
+        "--set",
+        "max_new_tokens=8",
+        "--set",
+        "batch_size=3",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = list(read_jsonl(tmp_path / "run" / "samples.jsonl"))
+    assert len(rows) == 6
+    assert all(len(r["response_ids"]) <= 8 for r in rows)
+    assert "tiny" in result.output
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert set(metrics["benchmarks"]["tiny"]["modes"]) == {"auto", "cot", "code"}
+
+
+def test_cli_rejects_bad_options(tmp_path):
+    result = CliRunner().invoke(app, ["eval", "--model", "m", "--modes", "magic", "--out", str(tmp_path)])
+    assert result.exit_code != 0
+    assert "modes" in result.output

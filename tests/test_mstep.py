@@ -1,0 +1,359 @@
+"""M-step: the loss functions on hand-built tensors, and training a tiny random Qwen2 model."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from autocode4math.io import DataError
+from autocode4math.mstep import (
+    MStepConfig,
+    Sample,
+    batch_loss,
+    collate,
+    decision_loss,
+    load_samples,
+    micro_batches,
+    policy_loss,
+    run_mstep,
+    token_logps,
+)
+from autocode4math.prompts import CODE_PREFIX
+
+E = math.e
+
+
+# --- policy_loss ---
+
+
+def test_ppo_token_level_hand_values():
+    # log-ratios [1, -1]: ratios e and 1/e; eps 0.2 clips them to 1.2 and 0.8.
+    logp, ref = torch.tensor([[1.0, -1.0]]), torch.zeros(1, 2)
+    mask = torch.ones(1, 2)
+    # A = +1: min(e, 1.2) = 1.2 and min(1/e, 0.8) = 1/e; mean over the 2 tokens, negated.
+    loss, stats = policy_loss(logp, ref, torch.tensor([1.0]), mask, 0.2)
+    assert loss.item() == pytest.approx(-(1.2 + 1 / E) / 2)
+    # A = -1: min(-e, -1.2) = -e and min(-1/e, -0.8) = -0.8.
+    loss, _ = policy_loss(logp, ref, torch.tensor([-1.0]), mask, 0.2)
+    assert loss.item() == pytest.approx((E + 0.8) / 2)
+    # both ratios lie outside [0.8, 1.2]; k3 KL = mean(r - 1 - log r) = ((e - 2) + (1/e - 1 + 1)) / 2.
+    assert stats["clip_frac"].item() == pytest.approx(1.0)
+    assert stats["approx_kl"].item() == pytest.approx(((E - 2) + 1 / E) / 2)
+
+
+def test_literal_clip_form_hand_values_and_zero_gradient_when_clipped():
+    # the paper's clip(r) * A: ratios e, 1/e clip to 1.2, 0.8, so the objective is (1.2 + 0.8) / 2 = 1.
+    logp = torch.tensor([[1.0, -1.0]], requires_grad=True)
+    loss, _ = policy_loss(logp, torch.zeros(1, 2), torch.tensor([1.0]), torch.ones(1, 2), 0.2, clip_form="literal")
+    assert loss.item() == pytest.approx(-1.0)
+    loss.backward()
+    assert torch.equal(logp.grad, torch.zeros(1, 2))  # both clipped: no gradient at all
+    # PPO keeps the gradient of the pessimistic token (r = 1/e < 0.8 with A > 0): d(-r/2)/dlogp = -r/2.
+    logp2 = torch.tensor([[1.0, -1.0]], requires_grad=True)
+    policy_loss(logp2, torch.zeros(1, 2), torch.tensor([1.0]), torch.ones(1, 2), 0.2)[0].backward()
+    assert logp2.grad[0, 0].item() == 0.0
+    assert logp2.grad[0, 1].item() == pytest.approx(-1 / E / 2)
+
+
+def test_sequence_level_ratio_hand_values():
+    # log-ratios 0.1 + 0.05 (third token masked out) give r = e^0.15 = 1.1618, inside [0.8, 1.2]; A = 2.
+    logp = torch.tensor([[0.1, 0.05, 3.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    loss, stats = policy_loss(logp, torch.zeros(1, 3), torch.tensor([2.0]), mask, 0.2, ratio_level="sequence")
+    assert loss.item() == pytest.approx(-2 * math.exp(0.15))
+    assert stats["clip_frac"].item() == 0.0
+    # log-ratio 0.3 > log 1.2: with A = 2 > 0 PPO takes the clipped 1.2 * 2.
+    loss, stats = policy_loss(
+        torch.tensor([[0.3]]), torch.zeros(1, 1), torch.tensor([2.0]), torch.ones(1, 1), 0.2, ratio_level="sequence"
+    )
+    assert loss.item() == pytest.approx(-2.4)
+    assert stats["clip_frac"].item() == 1.0
+
+
+def test_masked_tokens_get_zero_gradient_in_policy_loss():
+    logp = torch.tensor([[0.1, -0.3, 0.05], [0.0, 0.1, -0.1]], requires_grad=True)  # unmasked ratios unclipped
+    mask = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+    loss, _ = policy_loss(logp, torch.zeros(2, 3), torch.tensor([1.0, -1.0]), mask, 0.2)
+    loss.backward()
+    assert torch.all(logp.grad[mask == 0] == 0)
+    assert torch.all(logp.grad[mask == 1] != 0)
+
+
+def _loop_policy_loss(logp, ref, adv, mask, eps, clip_form):
+    """Plain-Python token-level reference implementation."""
+    per_seq = []
+    for i in range(len(logp)):
+        objs = []
+        for t in range(len(logp[i])):
+            if mask[i][t]:
+                r = math.exp(logp[i][t] - ref[i][t])
+                clipped = min(max(r, 1 - eps), 1 + eps) * adv[i]
+                objs.append(min(r * adv[i], clipped) if clip_form == "ppo" else clipped)
+        per_seq.append(sum(objs) / len(objs) if objs else 0.0)
+    return -sum(per_seq) / len(per_seq)
+
+
+@pytest.mark.parametrize("clip_form", ["ppo", "literal"])
+def test_vectorised_policy_loss_agrees_with_loop(clip_form):
+    gen = torch.Generator().manual_seed(0)
+    logp, ref = -torch.rand(4, 7, generator=gen) * 2, -torch.rand(4, 7, generator=gen) * 2
+    adv = torch.randn(4, generator=gen)
+    mask = (torch.rand(4, 7, generator=gen) > 0.3).float()
+    mask[3] = 0  # a trajectory with no trainable token contributes 0
+    loss, _ = policy_loss(logp, ref, adv, mask, 0.2, clip_form=clip_form)
+    expected = _loop_policy_loss(logp.tolist(), ref.tolist(), adv.tolist(), mask.tolist(), 0.2, clip_form)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+# --- decision_loss ---
+
+
+def test_decision_loss_hand_values():
+    # p(prefix) = 0.25: c=1 costs -log 0.25 = 1.386, c=0 costs -log 0.75 = 0.288, no decision costs 0.
+    lp = torch.full((3,), math.log(0.25))
+    loss = decision_loss(lp, torch.tensor([1, 0, 1]), torch.tensor([1.0, 1.0, 0.0]))
+    assert loss.item() == pytest.approx((-math.log(0.25) - math.log(0.75)) / 3)
+
+
+def test_decision_loss_is_stable_at_the_extremes():
+    # p(prefix) -> 1 for c=0: capped at log p = -1e-6, so -log(1 - e^-1e-6) ~ -log(1e-6) = 13.8.
+    near_one = decision_loss(torch.tensor([-1e-12]), torch.tensor([0]), torch.ones(1))
+    assert near_one.item() == pytest.approx(-math.log(1e-6), rel=1e-3)
+    # p(prefix) = e^-50 for c=0: -log(1 - e^-50) ~ e^-50, tiny and finite; for c=1 exactly 50.
+    assert 0 <= decision_loss(torch.tensor([-50.0]), torch.tensor([0]), torch.ones(1)).item() < 1e-20
+    assert decision_loss(torch.tensor([-50.0]), torch.tensor([1]), torch.ones(1)).item() == pytest.approx(50.0)
+
+
+# --- collate and batching ---
+
+
+def _sample(ids, start, mask, decision=(), n_decision=0, advantage=1.0, c=0, key="k"):
+    return Sample(list(ids), start, list(mask), advantage, c, list(decision), n_decision, True, False, key)
+
+
+def test_collate_aligns_masks_with_next_token_targets():
+    # prompt [5, 6], prefix [7], response [8, 9, 10] with 9 tool-written; decision row [5, 6, 7] with 1 prefix token.
+    s = _sample([5, 6, 7, 8, 9, 10], 3, [1, 0, 1], decision=[5, 6, 7], n_decision=1)
+    b = collate([s], pad_id=0, ref=[[-1.0, -2.0, -3.0]])
+    assert b["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10], [5, 6, 7, 0, 0, 0]]
+    assert b["attention_mask"].tolist() == [[1] * 6, [1, 1, 1, 0, 0, 0]]
+    # target t is ids[t + 1]: 8, 9, 10 are targets 2, 3, 4; the prefix token 7 (target 1) is not trained.
+    assert b["rl_mask"].tolist() == [[0, 0, 1, 0, 1]]
+    assert b["ref_logp"].tolist() == [[0, 0, -1, -2, -3]]
+    assert b["dec_mask"].tolist() == [[0, 1, 0, 0, 0]]  # target 1 is the prefix token 7 after [5, 6]
+
+
+def test_micro_batches_cover_every_sample_once_and_are_seeded():
+    samples = [_sample(range(n + 2), 1, [1] * (n + 1), key=str(n)) for n in range(23)]
+    plan = micro_batches(samples, 4, 2, seed=1, epoch=0)
+    assert sorted(i for b in plan for i in b) == list(range(23))
+    assert plan == micro_batches(samples, 4, 2, seed=1, epoch=0)
+    assert plan != micro_batches(samples, 4, 2, seed=1, epoch=1)
+
+
+def test_load_samples_names_the_bad_line(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"prompt_ids": [1]}) + "\n")
+    with pytest.raises(DataError, match="train.jsonl:1: training record lacks"):
+        load_samples(path)
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="clip_form"):
+        MStepConfig(clip_form="exact")
+    with pytest.raises(ValueError, match="clip_eps"):
+        MStepConfig(clip_eps=1.5)
+
+
+# --- a tiny random Qwen2 ---
+
+
+def make_record(tok, question, response, *, c=0, advantage=1.0, code=False, tool="", correct=True, sample=0):
+    """A training record as the E-step writes it; `tool` text is inserted after the response, mask 0."""
+    prompt_ids = tok(f"Question: {question}\nSolution:\n", add_special_tokens=False)["input_ids"]
+    prefix = CODE_PREFIX + "\n" if code else ""
+    prefix_ids = tok(prefix, add_special_tokens=False)["input_ids"] if prefix else []
+    model_ids = tok(response, add_special_tokens=False)["input_ids"]
+    tool_ids = tok(tool, add_special_tokens=False)["input_ids"] if tool else []
+    decision = not (c == 1 and not code)
+    return {
+        "id": question,
+        "benchmark": "toy",
+        "mode": "code" if code else "auto",
+        "sample": sample,
+        "key": f"toy/{question}/{sample}",
+        "prompt_ids": prompt_ids,
+        "prefix_ids": prefix_ids,
+        "response_ids": model_ids + tool_ids,
+        "response_mask": [1] * len(model_ids) + [0] * len(tool_ids),
+        "advantage": advantage,
+        "c": c,
+        "correct": correct,
+        "used_code": bool(code),
+        "decision_context_ids": prompt_ids if decision else [],
+        "decision_ids": tok(CODE_PREFIX + "\n", add_special_tokens=False)["input_ids"] if decision else [],
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def _fresh(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+
+
+def _batch_of(model, records, tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    samples = load_samples(path)
+    with torch.no_grad():
+        b = collate(samples, 0)
+        logp = token_logps(model, b["input_ids"], b["attention_mask"])
+    ref = [logp[i, s.start - 1 : s.start - 1 + len(s.mask)].tolist() for i, s in enumerate(samples)]
+    return collate(samples, 0, ref)
+
+
+def _train(model, batch, config, steps, lr=1e-2):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss, _ = batch_loss(model, batch, config)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _seq_logp(model, batch, row, mask_key):
+    with torch.no_grad():
+        logp = token_logps(model, batch["input_ids"], batch["attention_mask"])
+    b = batch["advantage"].shape[0]
+    rows = logp[:b] if mask_key == "rl_mask" else logp[b:]
+    return (rows[row] * batch[mask_key][row]).sum().item()
+
+
+def test_loss_decreases_on_a_fixed_batch(tiny_model_dir, tiny, tmp_path):
+    _, tok = tiny
+    model = _fresh(tiny_model_dir)
+    records = [
+        make_record(tok, "What is 3 * 7?", "3 * 7 = 21. \\boxed{21}", advantage=1.0),
+        make_record(tok, "What is 3 * 7?", "3 * 7 = 24. \\boxed{24}", advantage=-1.0, correct=False),
+        make_record(tok, "What is 12 + 30?", "x", c=1, code=True, tool="```output\n42\n```\n", advantage=0.5),
+    ]
+    batch = _batch_of(model, records, tmp_path)
+    losses = _train(model, batch, MStepConfig(), steps=8, lr=3e-3)
+    assert losses[-1] < losses[0] - 0.1
+
+
+def test_masked_tokens_get_zero_gradient_through_the_model(tiny_model_dir, tiny, tmp_path):
+    _, tok = tiny
+    model = _fresh(tiny_model_dir)
+    record = make_record(tok, "What is 12 + 30?", "print(12 + 30)", c=1, code=True, tool="```output\n42\n```\n")
+    batch = _batch_of(model, [record], tmp_path)
+    captured = {}
+
+    def capture(**kwargs):
+        out = model(**kwargs)
+        out.logits.retain_grad()
+        captured["logits"] = out.logits
+        return out
+
+    batch["ref_logp"] = batch["ref_logp"] - 0.05  # ratio e^0.05 inside the clip range: gradients flow
+    loss, _ = batch_loss(capture, batch, MStepConfig())
+    loss.backward()
+    grad = captured["logits"].grad[0, :-1].abs().sum(-1)  # row 0 (trajectory), per target position
+    trained = batch["rl_mask"][0] == 1
+    assert torch.all(grad[~trained] == 0)  # prompt, code prefix, tool output and padding
+    assert torch.all(grad[trained] > 0)
+    dec_grad = captured["logits"].grad[1, :-1].abs().sum(-1)
+    assert torch.all(dec_grad[batch["dec_mask"][0] == 0] == 0) and torch.all(dec_grad[batch["dec_mask"][0] == 1] > 0)
+
+
+def test_positive_advantage_raises_the_trajectory_log_prob(tiny_model_dir, tiny, tmp_path):
+    _, tok = tiny
+    model = _fresh(tiny_model_dir)
+    batch = _batch_of(model, [make_record(tok, "What is 3 * 7?", "3 * 7 = 21. \\boxed{21}", advantage=1.0)], tmp_path)
+    before = _seq_logp(model, batch, 0, "rl_mask")
+    _train(model, batch, MStepConfig(decision_weight=0.0), steps=3, lr=1e-3)
+    assert _seq_logp(model, batch, 0, "rl_mask") > before + 0.5
+
+
+def test_decision_term_raises_p_prefix_for_c1_and_lowers_it_for_c0(tiny_model_dir, tiny, tmp_path):
+    _, tok = tiny
+    model = _fresh(tiny_model_dir)
+    c1 = _batch_of(model, [make_record(tok, "What is 3 * 7?", "21", c=1, code=True, advantage=0.0)], tmp_path)
+    c0 = _batch_of(model, [make_record(tok, "What is 3 * 7?", "21", c=0, advantage=0.0)], tmp_path)
+    start = _seq_logp(model, c1, 0, "dec_mask")
+    _train(model, c1, MStepConfig(), steps=40, lr=1e-2)
+    raised = _seq_logp(model, c1, 0, "dec_mask")
+    assert raised > start + 5 and raised > math.log(0.1)  # p(prefix) went from ~0 to substantial
+    # c=0: the gradient of -log(1 - p) scales with p, so it acts once the prefix is likely
+    _train(model, c0, MStepConfig(), steps=5, lr=1e-2)
+    assert _seq_logp(model, c0, 0, "dec_mask") < raised - 0.5
+
+
+def _write_train(tok, path, n=8):
+    rng = random.Random(0)
+    rows = []
+    for i in range(n):
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        ok = i % 3 != 0
+        rows.append(
+            make_record(
+                tok,
+                f"What is {a} * {b}?",
+                f"{a} * {b} = {a * b if ok else a * b + 1}. \\boxed{{{a * b}}}",
+                c=i % 2,
+                code=bool(i % 2),
+                advantage=1.0 if ok else -1.0,
+                correct=ok,
+                sample=i,
+            )
+        )
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.slow
+def test_run_mstep_resumes_to_the_same_result(tiny_model_dir, tiny, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    _, tok = tiny
+    data = _write_train(tok, tmp_path / "train.jsonl")
+    config = MStepConfig(lr=1e-3, micro_batch_size=2, grad_accum=2, epochs=2, save_every=2, warmup_steps=1)
+    full = run_mstep(tiny_model_dir, data, config, tmp_path / "full", progress=False)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_3(step, metrics):
+        if step == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_mstep(tiny_model_dir, data, config, tmp_path / "resumed", on_step=kill_at_3, progress=False)
+    assert json.loads((tmp_path / "resumed/state/trainer.json").read_text()) == {"step": 2}
+    resumed = run_mstep(tiny_model_dir, data, config, tmp_path / "resumed", progress=False)
+    a, b = AutoModelForCausalLM.from_pretrained(full), AutoModelForCausalLM.from_pretrained(resumed)
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.allclose(pa, pb, atol=1e-6), name
+    rows = [json.loads(line) for line in (tmp_path / "full/metrics.jsonl").read_text().splitlines()]
+    again = [json.loads(line) for line in (tmp_path / "resumed/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in again] == [1, 2, 3, 4]
+    assert [r["loss"] for r in again] == pytest.approx([r["loss"] for r in rows], abs=1e-6)
+    assert set(rows[0]) >= {"loss", "rl_loss", "decision_loss", "clip_frac", "approx_kl", "code_rate", "accuracy"}
+    assert rows[0]["approx_kl"] == pytest.approx(0.0, abs=1e-6)  # first step: pi_theta is pi_ref
+    assert any((tmp_path / "full/tb").iterdir())
+    assert (tmp_path / "full/model/tokenizer.json").exists()

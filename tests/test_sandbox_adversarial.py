@@ -1,0 +1,234 @@
+"""Hostile code: each attack ends with the right status, and leaves no process, file or leak behind.
+
+Process checks scan /proc for processes owned by the session's uid (each session runs as its own uid
+when the tests run as root; otherwise the uid checks are skipped and only the statuses are checked).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+from autocode4math.sandbox import UID_BASE, SandboxConfig, SandboxPool
+
+ROOT = os.getuid() == 0
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with SandboxPool(SandboxConfig(timeout_s=2.0, memory_mb=256, max_processes=16), workers=2) as p:
+        yield p
+
+
+def _procs_with_uid(uid: int) -> list[int]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                uids = next(line for line in f if line.startswith("Uid:")).split()[1:]
+        except (OSError, StopIteration):
+            continue
+        if int(uids[0]) == uid:
+            found.append(int(pid))
+    return found
+
+
+def _run_fresh(pool: SandboxPool, code: str, setup: str = ""):
+    """Run `code` in a new session; return (result, uid, session) after checking the uid is the session's."""
+    s = pool.open_session()
+    uid = int(pool.run(s, "import os\nos.getuid()").stdout)
+    if setup:
+        assert pool.run(s, setup).status == "ok"
+    return pool.run(s, code), uid, s
+
+
+def _assert_gone(uid: int) -> None:
+    if ROOT:
+        assert uid >= UID_BASE
+        assert _procs_with_uid(uid) == []
+
+
+def test_infinite_loop_times_out_and_dies(pool):
+    r, uid, s = _run_fresh(pool, "while True:\n    pass")
+    assert r.status == "timeout" and r.feedback() == "Timeout: execution exceeded 2 s"
+    _assert_gone(uid)
+    later = pool.run(s, "1 + 1")
+    assert later.status == "dead" and "timeout" in later.error
+    pool.close_session(s)
+
+
+def test_sigterm_ignoring_loop_and_its_children_die(pool):
+    code = (
+        "import os, signal, subprocess\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "subprocess.Popen(['sleep', '300'], start_new_session=True)\nwhile True:\n    pass"
+    )
+    r, uid, s = _run_fresh(pool, code)
+    assert r.status == "timeout"
+    _assert_gone(uid)
+    pool.close_session(s)
+
+
+def test_orphaned_child_is_killed_on_close(pool):
+    # a double fork with setsid: the grandchild leaves the process group and is orphaned
+    code = "import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n        time.sleep(300)\n    os._exit(0)\n'parent done'"  # noqa: E501
+    r, uid, s = _run_fresh(pool, code)
+    assert (r.status, r.stdout) == ("ok", "'parent done'\n")
+    if ROOT:
+        assert len(_procs_with_uid(uid)) >= 2  # the session and the sleeping orphan
+    pool.close_session(s)
+    _assert_gone(uid)
+
+
+@pytest.mark.parametrize(
+    "code", ["x = bytearray(4 * 1024**3)", "chunks = []\nwhile True:\n    chunks.append(bytearray(10 * 1024**2))"]
+)
+def test_memory_bomb_is_a_memory_status_and_session_survives(pool, code):
+    r, _uid, s = _run_fresh(pool, code)
+    assert r.status == "memory" and "MemoryError" in r.feedback()
+    assert pool.run(s, "'still alive'").stdout == "'still alive'\n"
+    pool.close_session(s)
+
+
+def test_fork_bomb_is_contained(pool):
+    r, uid, s = _run_fresh(pool, "import os\nwhile True:\n    os.fork()")
+    assert r.status in ("error", "timeout")  # fork fails at the process limit (BlockingIOError) or time runs out
+    pool.close_session(s)
+    _assert_gone(uid)
+    assert pool.run(pool.open_session(), "'machine fine'").stdout == "'machine fine'\n"
+
+
+def test_huge_output_is_truncated_head_and_tail(pool):
+    r, _uid, s = _run_fresh(pool, "print('A' * 50_000_000 + 'B' * 50_000_000)")
+    assert r.status == "ok"
+    assert r.stdout.startswith("A" * 1000) and r.stdout.endswith("B" * 1000 + "\n")
+    assert "characters truncated" in r.stdout and len(r.stdout) < 4200
+    pool.close_session(s)
+
+
+def test_endless_print_loop_times_out_with_bounded_output(pool):
+    r, uid, s = _run_fresh(pool, "i = 0\nwhile True:\n    print('spam', i)\n    i += 1")
+    assert r.status == "timeout"
+    assert r.stdout.startswith("spam 0\nspam 1\n") and "output cut" in r.stdout and len(r.stdout) < 2200
+    _assert_gone(uid)
+    pool.close_session(s)
+
+
+def test_segfault_is_a_crash_status(pool):
+    r, uid, s = _run_fresh(pool, "import ctypes\nctypes.string_at(0)")
+    assert r.status == "crashed" and "SIGSEGV" in r.error
+    assert pool.run(s, "1").status == "dead"
+    pool.close_session(s)
+    _assert_gone(uid)
+
+
+def test_sys_exit_is_reported_and_session_survives(pool):
+    r, _uid, s = _run_fresh(pool, "import sys\nsys.exit(3)")
+    assert r.status == "exited" and r.feedback() == "SystemExit: 3"
+    assert pool.run(s, "2 * 21").stdout == "42\n"
+    pool.close_session(s)
+
+
+def test_os_exit_is_a_crash_status(pool):
+    r, _uid, s = _run_fresh(pool, "import os\nos._exit(7)")
+    assert r.status == "crashed" and "code 7" in r.error
+    pool.close_session(s)
+
+
+def test_writes_and_deletes_outside_scratch_are_refused(pool, tmp_path):
+    victim_dir = tmp_path / "shared"
+    victim_dir.mkdir()
+    victim_dir.chmod(0o777)  # world-writable, like /tmp: file modes alone would not protect it
+    victim = victim_dir / "keep.txt"
+    victim.write_text("precious")
+    victim.chmod(0o666)
+    attacks = {
+        "write /tmp": "open('/tmp/autocode_sandbox_escape.txt', 'w').write('x')",
+        "write shared": f"open({str(victim_dir / 'new.txt')!r}, 'w').write('x')",
+        "overwrite": f"open({str(victim)!r}, 'w').write('gone')",
+        "delete": f"import os\nos.remove({str(victim)!r})",
+    }
+    for name, code in attacks.items():
+        r, _uid, s = _run_fresh(pool, code)
+        assert r.status == "error" and "PermissionError" in r.feedback(), name
+        pool.close_session(s)
+    assert victim.read_text() == "precious" and not (victim_dir / "new.txt").exists()
+    assert not os.path.exists("/tmp/autocode_sandbox_escape.txt")
+    r, _uid, s = _run_fresh(pool, "open('notes.txt', 'w').write('ok')\nopen('notes.txt').read()")
+    assert (r.status, r.stdout) == ("ok", "'ok'\n")  # the scratch directory is writable
+    pool.close_session(s)
+
+
+def test_no_network_to_a_local_listener(pool):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(0.5)
+    port = listener.getsockname()[1]
+    r, _uid, s = _run_fresh(pool, f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1)")
+    assert r.status == "error" and ("Error" in r.feedback())
+    with pytest.raises(TimeoutError):
+        listener.accept()
+    listener.close()
+    pool.close_session(s)
+
+
+def test_environment_secret_does_not_leak(monkeypatch):
+    monkeypatch.setenv("AUTOCODE_TEST_SECRET", "hunter2-secret")
+    code = (
+        "import os\nprint(dict(os.environ))\nprint(open('/proc/self/environ', 'rb').read())\n"
+        f"try:\n    print(open('/proc/{os.getpid()}/environ', 'rb').read())\nexcept OSError as e:\n    print(e)"
+    )
+    with SandboxPool(SandboxConfig(timeout_s=5), workers=1) as p:
+        r = p.run(p.open_session(), code)
+    assert r.status == "ok" and "HOME" in r.stdout
+    assert "hunter2" not in r.stdout
+
+
+def test_fallback_layers_still_block_writes_network_and_orphans(tmp_path):
+    """With namespaces and Landlock switched off, the audit hook and uid sweep take over."""
+    with SandboxPool(SandboxConfig(timeout_s=3, namespaces=False, landlock=False), workers=1) as p:
+        s = p.open_session()
+        uid = int(p.run(s, "import os\nos.getuid()").stdout)
+        assert "audit-hook" in p.layers and "landlock-fs" not in p.layers
+        write = p.run(s, f"open({str(tmp_path / 'x')!r}, 'w')")
+        assert write.status == "error" and "PermissionError" in write.feedback()
+        net = p.run(s, "import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)")
+        assert net.status == "error" and "network access is disabled" in net.feedback()
+        orphan = "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(300)\n'spawned'"
+        assert p.run(s, orphan).status == "ok"
+        p.close_session(s)
+        _assert_gone(uid)
+
+
+@pytest.mark.slow
+def test_soak_2000_executions_leak_nothing(pool):
+    def census() -> tuple[int, int]:
+        return len(os.listdir("/proc/self/fd")), threading.active_count()
+
+    def run_round(k: int) -> None:
+        sessions = [pool.open_session() for _ in range(20)]
+        codes = ["x = 1", "x += 1\nprint(x)", "1/0", "from fractions import Fraction\nFraction(x, 3)", "x"]
+        requests = [(s, code) for code in codes * 2 for s in sessions]
+        results = pool.run_many(requests)
+        assert [r.status for r in results[20:40]] == ["ok"] * 20 and results[40].status == "error"
+        for s in sessions:
+            pool.close_session(s)
+
+    run_round(0)  # warm: the pool's threads exist from here on
+    before = census()
+    for k in range(1, 10):
+        run_round(k)  # 9 rounds x 200 blocks + the warm-up round = 2,000 executions
+    assert census() == before
+    template = pool._template.pid
+    deadline = time.monotonic() + 5  # a monitor exits just after its last message: allow it a moment
+    while time.monotonic() < deadline:
+        with open(f"/proc/{template}/task/{template}/children") as f:
+            children = f.read().split()
+        if not children:
+            break
+        time.sleep(0.05)
+    assert children == []  # every monitor and session was reaped

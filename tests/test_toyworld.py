@@ -1,0 +1,143 @@
+import random
+import re
+
+import pytest
+
+from autocode4math import toyworld
+from autocode4math.io import read_jsonl
+from autocode4math.prompts import CODE_PREFIX
+
+CODE_FORMAT = re.compile(
+    r"^```python\n(.+?)\n```\n```output\n(.+?)\n```\nThe answer is \\boxed\{(-?\d+)\}\.$", re.DOTALL
+)
+STEP = re.compile(r"(-?\d+) ([-+*]) (\d+) = (-?\d+)\.")
+
+
+def _items(n_per_cell: int = 30, seed: int = 0):
+    rng = random.Random(seed)
+    for family in toyworld.FAMILIES:
+        for difficulty in toyworld.DIFFICULTIES:
+            for _ in range(n_per_cell):
+                yield toyworld.generate(family, difficulty, rng)
+
+
+def test_code_writer_format_and_output_come_from_running_the_code():
+    for item in _items():
+        match = CODE_FORMAT.match(toyworld.write_code(item))
+        assert match, toyworld.write_code(item)
+        code, output, boxed = match.groups()
+        assert toyworld.run_code(code) == output == boxed == str(item.answer)
+
+
+def test_cot_writer_steps_are_correct_arithmetic_and_end_in_the_answer():
+    for item in _items():
+        cot = toyworld.write_cot(item)
+        assert cot.endswith(f"The answer is \\boxed{{{item.answer}}}.")
+        assert "```" not in cot
+        if item.family == "mul":  # one chain: every side of every "=" is the product
+            chain = cot.split(". The answer")[0].split(" = ")
+            assert all(eval(side) == item.answer for side in chain), cot  # noqa: S307 - digits, +, * only
+            continue
+        steps = STEP.findall(cot)
+        assert steps, cot
+        for a, op, b, c in steps:
+            assert eval(f"{a} {op} {b}") == int(c), cot  # noqa: S307 - digits and one operator, matched above
+
+
+def test_mul_cot_sums_partial_products():
+    item = toyworld.ToyItem("mul", 3, "q", 347 * 862, {"a": 347, "b": 862})
+    cot = toyworld.write_cot(item)
+    # 347 * 862 = 347*800 + 347*60 + 347*2 = 277600 + 20820 + 694 = 299114
+    assert "347 * 800 + 347 * 60 + 347 * 2 = 277600 + 20820 + 694 = 299114." in cot
+
+
+def test_story_program_keeps_repeated_events_apart_and_parenthesises_doubling():
+    spec = {"start": 3, "obj": "cards", "events": [("found", 4), ("found", 2), ("doubled", 2), ("lost", 1)]}
+    item = toyworld.ToyItem("story", 3, "q", (3 + 4 + 2) * 2 - 1, spec)
+    code = CODE_FORMAT.match(toyworld.write_code(item)).group(1)
+    assert "found_2 = 2" in code and "print((cards + found + found_2) * 2 - lost)" in code
+
+
+def test_difficulty_knob_lengthens_problems():
+    rng = random.Random(1)
+    for family in toyworld.FAMILIES:
+        lengths = [
+            sum(len(toyworld.write_cot(toyworld.generate(family, d, rng))) for _ in range(50))
+            for d in toyworld.DIFFICULTIES
+        ]
+        assert lengths == sorted(lengths) and lengths[0] < lengths[-1], (family, lengths)
+
+
+def test_family_is_recognisable_from_the_question():
+    def guess(question: str) -> str:
+        if question.startswith("Compute"):
+            return "arith"
+        return "story" if "Then" in question else "mul"
+
+    for item in _items(n_per_cell=20, seed=5):
+        assert guess(item.question) == item.family, item.question
+
+
+def test_bad_family_and_difficulty_are_named():
+    with pytest.raises(ValueError, match="unknown toy family 'geometry'"):
+        toyworld.generate("geometry", 1, random.Random(0))
+    with pytest.raises(ValueError, match="difficulty must be one of"):
+        toyworld.generate("mul", 4, random.Random(0))
+    with pytest.raises(ValueError, match="unknown toy split"):
+        toyworld.make_split("validation")
+
+
+def test_shipped_splits_match_the_generator_and_are_disjoint(tmp_path):
+    toyworld.write_splits(tmp_path)
+    questions = {}
+    for split, (size, _) in toyworld.SPLITS.items():
+        shipped = list(read_jsonl(toyworld.DATA_DIR / f"{split}.jsonl"))
+        assert shipped == list(read_jsonl(tmp_path / f"{split}.jsonl"))
+        assert len(shipped) == size
+        questions[split] = {row["question"] for row in shipped}
+        assert len(questions[split]) == size
+        row = shipped[0]
+        assert set(row) == {"id", "question", "answer", "benchmark", "meta"}
+        assert row["benchmark"] == "toy" and isinstance(row["answer"], int)
+        assert set(row["meta"]) == {"family", "difficulty"}
+    assert not questions["train"] & questions["test"] and not questions["dev"] & questions["test"]
+    assert not questions["train"] & questions["dev"]
+    families = {row["meta"]["family"] for row in read_jsonl(toyworld.DATA_DIR / "test.jsonl")}
+    assert families == set(toyworld.FAMILIES)
+
+
+def _mode(d: toyworld.Demo) -> str:
+    return "cot" if "without writing code" in d.prompt else "code" if d.prefix else "auto"
+
+
+def test_base_corpus_is_mostly_cot_with_code_behind_the_prefix():
+    corpus = toyworld.base_corpus(3000, seed=3, exclude=toyworld.held_out_questions())
+    auto = [d for d in corpus if _mode(d) == "auto"]
+    auto_code = [d for d in auto if d.response.startswith(CODE_PREFIX)]
+    assert 0 < len(auto_code) < 0.06 * len(auto)
+    assert all("```python" in d.response for d in auto_code)
+    assert all("```python" not in d.response for d in corpus if _mode(d) == "cot")
+    code = [d for d in corpus if _mode(d) == "code"]
+    assert all(d.prefix == CODE_PREFIX + "\n" and d.response.startswith("```python") for d in code)
+    story_code = [d for d in code if "Then" in d.prompt]
+    assert 0 < len(story_code) < 0.1 * len(code)
+    held_out = toyworld.held_out_questions()
+    assert not any(d.prompt.split("\n")[0].removeprefix("Question: ") in held_out for d in corpus)
+
+
+def test_sft_corpus_code_choice_is_not_tied_to_the_family():
+    corpus = toyworld.sft_corpus(1500, seed=4)
+    assert all(_mode(d) == "auto" and not d.prefix for d in corpus)
+    for family_test in (lambda p: "Compute" in p, lambda p: "Then" in p):
+        group = [d for d in corpus if family_test(d.prompt)]
+        rate = sum(d.response.startswith(CODE_PREFIX) for d in group) / len(group)
+        assert 0.4 < rate < 0.6
+    with pytest.raises(ValueError, match="code_rate"):
+        toyworld.sft_corpus(5, seed=0, code_rate=1.5)
+
+
+def test_base_mix_checks():
+    with pytest.raises(ValueError, match="auto_code_rate"):
+        toyworld.BaseMix(auto_code_rate=-0.1)
+    with pytest.raises(ValueError, match="at most 1"):
+        toyworld.BaseMix(auto_share=0.8, cot_share=0.3)
