@@ -76,9 +76,23 @@ def build_tiny_model(directory: Path, chat_template: str | None = CHAT_TEMPLATE,
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_model_factory(tmp_path_factory: pytest.TempPathFactory):
+    """`make(chat_template=CHAT_TEMPLATE, seed=0) -> Path`: tiny models on demand, built once per setting."""
+    cache: dict[tuple, Path] = {}
+
+    def make(chat_template: str | None = CHAT_TEMPLATE, seed: int = 0) -> Path:
+        key = (chat_template, seed)
+        if key not in cache:
+            cache[key] = build_tiny_model(tmp_path_factory.mktemp("tiny_model"), chat_template, seed)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_model_factory) -> Path:
     """Path of a tiny random Qwen2 model + BPE tokenizer (with a ChatML-style chat template)."""
-    return build_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+    return tiny_model_factory()
 
 
 @pytest.fixture(scope="session")

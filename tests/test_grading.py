@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from autocode4math.benchmarks import BENCHMARKS, load_problems
+from autocode4math.benchmarks import BENCHMARKS, load_problems, reference_response, shifted_pairs, worked_solutions
 from autocode4math.grading import (
     Grade,
     GradingPool,
@@ -13,9 +13,6 @@ from autocode4math.grading import (
     grade,
     grade_many,
     normalize,
-    reference_response,
-    shifted_pairs,
-    worked_solutions,
 )
 
 # Every gold that cannot be graded against itself, with its reason. The test fails if this list is stale.
@@ -153,3 +150,19 @@ def test_grade_command_writes_rows_in_order_with_a_summary(tmp_path):
     src.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"response": "x"}) + "\n")
     result = CliRunner().invoke(app, ["grade", str(src), "--out", str(out)])
     assert result.exit_code != 0 and "in.jsonl:2" in result.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["math500", "gaokao2023en", "olympiadbench"])
+def test_near_misses_are_wrong(name, pool):
+    """Each gold with its first digit changed (1 -> 2, 9 -> 0) is graded wrong: no false positive."""
+    items = []
+    for problem in load_problems(name, limit=100):
+        gold = problem.answer if isinstance(problem.answer, str) else None
+        digit = re.search(r"\d", gold or "")
+        if digit:
+            near = gold[: digit.start()] + str((int(digit.group()) + 1) % 10) + gold[digit.end() :]
+            items.append(("\\boxed{" + near.strip().strip("$") + "}", gold, name))
+    grades = pool.grade_many(items, timeout_s=20)
+    assert len(items) > 60
+    assert [item for item, g in zip(items, grades, strict=True) if g.correct] == []

@@ -138,13 +138,16 @@ def _sample(ids, start, mask, decision=(), n_decision=0, advantage=1.0, c=0, key
 def test_collate_aligns_masks_with_next_token_targets():
     # prompt [5, 6], prefix [7], response [8, 9, 10] with 9 tool-written; decision row [5, 6, 7] with 1 prefix token.
     s = _sample([5, 6, 7, 8, 9, 10], 3, [1, 0, 1], decision=[5, 6, 7], n_decision=1)
-    b = collate([s], pad_id=0, ref=[[-1.0, -2.0, -3.0]])
-    assert b["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10], [5, 6, 7, 0, 0, 0]]
+    none = _sample([5, 6, 8], 2, [1])  # no decision term: a dummy 2-token decision row, fully masked
+    b = collate([s, none], pad_id=0, ref=[[-1.0, -2.0, -3.0], [-4.0]])
+    assert b["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10], [5, 6, 8, 0, 0, 0]]
     assert b["attention_mask"].tolist() == [[1] * 6, [1, 1, 1, 0, 0, 0]]
     # target t is ids[t + 1]: 8, 9, 10 are targets 2, 3, 4; the prefix token 7 (target 1) is not trained.
-    assert b["rl_mask"].tolist() == [[0, 0, 1, 0, 1]]
-    assert b["ref_logp"].tolist() == [[0, 0, -1, -2, -3]]
-    assert b["dec_mask"].tolist() == [[0, 1, 0, 0, 0]]  # target 1 is the prefix token 7 after [5, 6]
+    assert b["rl_mask"].tolist() == [[0, 0, 1, 0, 1], [0, 1, 0, 0, 0]]
+    assert b["ref_logp"].tolist() == [[0, 0, -1, -2, -3], [0, -4, 0, 0, 0]]
+    assert b["dec_input_ids"].tolist() == [[5, 6, 7], [0, 0, 0]]
+    assert b["dec_mask"].tolist() == [[0, 1], [0, 0]]  # target 1 is the prefix token 7 after [5, 6]
+    assert b["has_decision"].tolist() == [1.0, 0.0]
 
 
 def test_micro_batches_cover_every_sample_once_and_are_seeded():
@@ -237,11 +240,10 @@ def _train(model, batch, config, steps, lr=1e-2):
 
 
 def _seq_logp(model, batch, row, mask_key):
+    prefix = "dec_" if mask_key == "dec_mask" else ""
     with torch.no_grad():
-        logp = token_logps(model, batch["input_ids"], batch["attention_mask"])
-    b = batch["advantage"].shape[0]
-    rows = logp[:b] if mask_key == "rl_mask" else logp[b:]
-    return (rows[row] * batch[mask_key][row]).sum().item()
+        logp = token_logps(model, batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"])
+    return (logp[row] * batch[mask_key][row]).sum().item()
 
 
 def test_loss_decreases_on_a_fixed_batch(tiny_model_dir, tiny, tmp_path):
@@ -262,22 +264,22 @@ def test_masked_tokens_get_zero_gradient_through_the_model(tiny_model_dir, tiny,
     model = _fresh(tiny_model_dir)
     record = make_record(tok, "What is 12 + 30?", "print(12 + 30)", c=1, code=True, tool="```output\n42\n```\n")
     batch = _batch_of(model, [record], tmp_path)
-    captured = {}
+    captured = []
 
     def capture(**kwargs):
         out = model(**kwargs)
         out.logits.retain_grad()
-        captured["logits"] = out.logits
+        captured.append(out.logits)
         return out
 
     batch["ref_logp"] = batch["ref_logp"] - 0.05  # ratio e^0.05 inside the clip range: gradients flow
     loss, _ = batch_loss(capture, batch, MStepConfig())
     loss.backward()
-    grad = captured["logits"].grad[0, :-1].abs().sum(-1)  # row 0 (trajectory), per target position
+    grad = captured[0].grad[0, :-1].abs().sum(-1)  # trajectory row, per target position
     trained = batch["rl_mask"][0] == 1
     assert torch.all(grad[~trained] == 0)  # prompt, code prefix, tool output and padding
     assert torch.all(grad[trained] > 0)
-    dec_grad = captured["logits"].grad[1, :-1].abs().sum(-1)
+    dec_grad = captured[1].grad[0, :-1].abs().sum(-1)  # decision row: only the code-prefix targets
     assert torch.all(dec_grad[batch["dec_mask"][0] == 0] == 0) and torch.all(dec_grad[batch["dec_mask"][0] == 1] > 0)
 
 
@@ -296,7 +298,7 @@ def test_decision_term_raises_p_prefix_for_c1_and_lowers_it_for_c0(tiny_model_di
     c1 = _batch_of(model, [make_record(tok, "What is 3 * 7?", "21", c=1, code=True, advantage=0.0)], tmp_path)
     c0 = _batch_of(model, [make_record(tok, "What is 3 * 7?", "21", c=0, advantage=0.0)], tmp_path)
     start = _seq_logp(model, c1, 0, "dec_mask")
-    _train(model, c1, MStepConfig(), steps=40, lr=1e-2)
+    _train(model, c1, MStepConfig(), steps=12, lr=3e-2)
     raised = _seq_logp(model, c1, 0, "dec_mask")
     assert raised > start + 5 and raised > math.log(0.1)  # p(prefix) went from ~0 to substantial
     # c=0: the gradient of -log(1 - p) scales with p, so it acts once the prefix is likely
@@ -357,3 +359,32 @@ def test_run_mstep_resumes_to_the_same_result(tiny_model_dir, tiny, tmp_path):
     assert rows[0]["approx_kl"] == pytest.approx(0.0, abs=1e-6)  # first step: pi_theta is pi_ref
     assert any((tmp_path / "full/tb").iterdir())
     assert (tmp_path / "full/model/tokenizer.json").exists()
+
+
+def test_lora_trains_only_the_adapted_projections_and_saves_merged(tiny_model_dir, tiny, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    _, tok = tiny
+    data = _write_train(tok, tmp_path / "train.jsonl", n=4)
+    config = MStepConfig(lr=1e-2, micro_batch_size=2, max_steps=1, lora_r=4, gradient_checkpointing=True)
+    out = run_mstep(tiny_model_dir, data, config, tmp_path / "lora", progress=False)
+    before = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(out).state_dict()  # a plain model: LoRA merged
+    changed = {name.split(".")[-2] for name in before if not torch.equal(before[name], after[name])}
+    assert changed == {"q_proj", "k_proj", "v_proj", "o_proj"}
+
+
+def test_cli_mstep_runs_and_rejects_unknown_overrides(tiny_model_dir, tiny, tmp_path):
+    from typer.testing import CliRunner
+
+    from autocode4math.cli import app
+
+    _, tok = tiny
+    data = _write_train(tok, tmp_path / "train.jsonl", n=4)
+    args = ["mstep", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / "m")]
+    bad = CliRunner().invoke(app, [*args, "--set", "learning_rate=1e-3"])
+    assert bad.exit_code != 0 and "learning_rate" in bad.output
+    ok = CliRunner().invoke(app, [*args, "--set", "max_steps=1", "--set", "micro_batch_size=2"])
+    assert ok.exit_code == 0, ok.output
+    assert len((tmp_path / "m" / "metrics.jsonl").read_text().splitlines()) == 1
+    assert "max_steps: 1" in (tmp_path / "m" / "mstep_config.yaml").read_text()

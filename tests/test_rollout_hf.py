@@ -76,6 +76,15 @@ def test_engine_end_to_end_on_the_tiny_model(backend):
     assert records[2]["prefix_ids"] == encode(backend.tokenizer, records[2]["prefix"])
 
 
+def test_plain_template_without_chat_template(tiny_model_factory):
+    plain = HFBackend(str(tiny_model_factory(chat_template=None)), device="cpu")
+    requests = make_requests([Problem(id="q", question="What is 2?", answer="2", benchmark="toy", meta={})], ["cot"], 1)
+    with SandboxPool(workers=1) as pool:
+        (r,) = run_rollouts(plain, requests, RolloutConfig(max_new_tokens=4), progress=False, sandbox=pool)
+    assert r["prompt"].startswith("Question: What is 2?") and "without writing code" in r["prompt"]
+    assert len(r["response_ids"]) == 4 and r["finish_reason"] == "length"
+
+
 def test_loaded_model_needs_its_tokenizer(backend):
     with pytest.raises(ValueError, match="tokenizer"):
         HFBackend(backend.model)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -280,3 +281,36 @@ def _user_records(
         except ValueError as e:
             raise DataError(f"{where}: {e}") from None
     return records
+
+
+# Responses built from the data itself, for the grader's self-checks and throughput figures.
+
+
+def worked_solutions(problem: Problem) -> list[str]:
+    """The worked solutions of a problem that state their final answer in a gradable way.
+
+    OlympiadBench's solutions are proofs that mark no final answer, so they are not used.
+    """
+    if problem.benchmark == "olympiadbench":
+        return []
+    solution = problem.meta.get("solution")
+    return [s for s in (solution if isinstance(solution, list) else [solution]) if isinstance(s, str) and s.strip()]
+
+
+def reference_response(problem: Problem) -> str:
+    """A response that states the gold itself: "The answer is \\boxed{gold}" (several answers comma-joined)."""
+    golds = problem.answer if isinstance(problem.answer, list) else [problem.answer]
+    return "The answer is $\\boxed{" + ", ".join(str(g).strip().strip("$") for g in golds) + "}$."
+
+
+def shifted_pairs(problems: Sequence[Problem]) -> list[tuple[str, Any, str | None]]:
+    """(response of problem i, gold of problem i+1, benchmark): every one should be graded wrong.
+
+    The response is the first worked solution where there is one, else the reference response.
+    """
+    items = []
+    for i, problem in enumerate(problems):
+        other = problems[(i + 1) % len(problems)]
+        solutions = worked_solutions(problem)
+        items.append((solutions[0] if solutions else reference_response(problem), other.answer, other.benchmark))
+    return items

@@ -19,9 +19,13 @@ It builds on math-verify (sympy-based equivalence) and puts adapters on both sid
 - Everything else goes to math-verify with its unit stripping off and its own signal-based timeouts off:
   those only work in a main thread. `GradingPool` grades in worker processes instead and kills a worker
   that exceeds the hard per-item timeout; such an item is wrong with `timed_out=True`.
+- An equation is not its right-hand side: against a gold without "=", a prediction with "=" counts only
+  when its left side is a plain name (`x=5`, `f(x)=2x`); math-verify alone accepts `x-3=0` for 0.
+- GaoKao's set-builder intervals (`\\{x|-2\\leq x<1\\}`) are rewritten as intervals (`[-2,1)`).
 
-Deliberately simplified: text answers compare as case-folded strings; matrices, inequalities and
-equations are left to math-verify as they are.
+Deliberately simplified: text answers compare as case-folded words; single letters are case-folded by
+latex2sympy (X equals x); a chain "a=b=16" stated as the answer is wrong against 16; matrices and
+inequalities are left to math-verify as they are. See docs/grading.md for the rules and their tests.
 """
 
 from __future__ import annotations
@@ -352,7 +356,9 @@ def _settle(pred: str, gold: Any, benchmark: str | None) -> bool | None:
 
 
 def _worker_main(conn: Any) -> None:
-    """Worker loop: receive chunks of (index, pred, gold, benchmark), send back (index, correct) per item."""
+    """Worker loop: warm up, say "ready", then answer chunks of (index, pred, gold, benchmark) per item."""
+    _verify_one("\\sqrt{2}", "\\frac{2}{\\sqrt{2}}", None)  # import sympy and math-verify before any clock runs
+    conn.send("ready")
     while True:
         chunk = conn.recv()
         if chunk is None:
@@ -376,6 +382,18 @@ class _Worker:
         self.owed: deque[int] = deque()
         self.since = 0.0
 
+    def wait_ready(self, timeout_s: float = 120.0) -> None:
+        """Block until the worker has imported its libraries, so start-up never counts against an item."""
+        try:
+            if self.conn.poll(timeout_s) and self.conn.recv() == "ready":
+                return
+        except (EOFError, OSError):
+            pass
+        self.kill()
+        raise RuntimeError(
+            "a grading worker failed to start (in a script, is the pool used under `if __name__ == '__main__':`?)"
+        )
+
     def give(self, chunk: list[tuple[int, str, Any, str | None]]) -> None:
         self.owed.extend(item[0] for item in chunk)
         self.since = time.monotonic()
@@ -392,9 +410,10 @@ class GradingPool:
     """A warm pool of grading processes; `grade_many` is parallel, in order, with a hard per-item timeout.
 
     Workers are started with "spawn", so a script that uses the pool needs the usual
-    `if __name__ == "__main__":` guard. Workers start on first need and stay up between calls (sympy import and math-verify's caches are
-    paid once). A worker that runs past the timeout on an item is killed and replaced; that item is
-    wrong with `timed_out=True` and the rest of its chunk is graded again elsewhere.
+    `if __name__ == "__main__":` guard. Workers start on first need and stay up between calls
+    (sympy import and math-verify's caches are paid once). A worker that runs past the timeout on an
+    item is killed and replaced; that item is wrong with `timed_out=True` and the rest of its chunk is
+    graded again elsewhere.
     """
 
     def __init__(self, workers: int | None = None, chunk_size: int = 8) -> None:
@@ -448,8 +467,10 @@ class GradingPool:
     def _run(self, todo: list, grades: list[Grade | None], timeout_s: float) -> None:
         from multiprocessing.connection import wait
 
-        while len(self._workers) < min(self.n_workers, len(todo)):
-            self._workers.append(_Worker(self._context))
+        new = [_Worker(self._context) for _ in range(min(self.n_workers, len(todo)) - len(self._workers))]
+        self._workers.extend(new)
+        for worker in new:
+            worker.wait_ready()
         by_index = {item[0]: item for item in todo}
         queue = deque(todo[i : i + self.chunk_size] for i in range(0, len(todo), self.chunk_size))
         while queue or any(w.owed for w in self._workers):
@@ -481,7 +502,9 @@ class GradingPool:
         if worker.owed:
             queue.appendleft([by_index[i] for i in worker.owed])
         worker.kill()
-        self._workers[self._workers.index(worker)] = _Worker(self._context)
+        fresh = _Worker(self._context)
+        fresh.wait_ready()
+        self._workers[self._workers.index(worker)] = fresh
 
 
 @functools.lru_cache(maxsize=8)
@@ -536,42 +559,12 @@ def grade_file(
     }
 
 
-# ---------------------------------------------------------------- self-checks and throughput
-
-
-def worked_solutions(problem: Any) -> list[str]:
-    """The worked solutions of a problem that state their final answer in a gradable way.
-
-    OlympiadBench's solutions are proofs that mark no final answer, so they are not used.
-    """
-    if problem.benchmark == "olympiadbench":
-        return []
-    solution = problem.meta.get("solution")
-    return [s for s in (solution if isinstance(solution, list) else [solution]) if isinstance(s, str) and s.strip()]
-
-
-def reference_response(problem: Any) -> str:
-    """A response that states the gold itself: "The answer is \\boxed{gold}" (several answers comma-joined)."""
-    golds = problem.answer if isinstance(problem.answer, list) else [problem.answer]
-    return "The answer is $\\boxed{" + ", ".join(str(g).strip().strip("$") for g in golds) + "}$."
-
-
-def shifted_pairs(problems: Sequence[Any]) -> list[tuple[str, Any, str | None]]:
-    """(response of problem i, gold of problem i+1, benchmark): every one should be graded wrong.
-
-    The response is the first worked solution where there is one, else the reference response.
-    """
-    items = []
-    for i, problem in enumerate(problems):
-        other = problems[(i + 1) % len(problems)]
-        solutions = worked_solutions(problem)
-        items.append((solutions[0] if solutions else reference_response(problem), other.answer, other.benchmark))
-    return items
+# ---------------------------------------------------------------- throughput
 
 
 def bench_grading(workers: int | None = None, timeout_s: float = 10.0) -> dict[str, float]:
     """Pairs per second of `GradingPool.grade_many` on MATH500 gold-vs-gold, solution-vs-gold and shifted pairs."""
-    from autocode4math.benchmarks import load_problems
+    from autocode4math.benchmarks import load_problems, reference_response, shifted_pairs, worked_solutions
 
     problems = load_problems("math500")
     workloads = {

@@ -242,23 +242,28 @@ def load_samples(path: str | Path) -> list[Sample]:
     return out
 
 
-def collate(samples: Sequence[Sample], pad_id: int, ref: Sequence[Sequence[float]] | None = None) -> dict:
-    """Pad B samples into 2B rows (B trajectory rows, then B decision rows), right-padded to width W.
-
-    Returns input_ids / attention [2B, W] and, aligned with next-token targets ([., W-1]): rl_mask and
-    ref_logp over the first B rows, dec_mask over the last B rows; advantage, c, has_decision: [B].
-    """
-    rows = [s.ids for s in samples] + [s.decision or [pad_id] for s in samples]
+def _pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token rows to their longest: (ids, attention mask), both [N, W]."""
     width = max(len(r) for r in rows)
-    b = len(samples)
-    ids = torch.full((2 * b, width), pad_id, dtype=torch.long)
-    attention = torch.zeros((2 * b, width), dtype=torch.long)
-    rl_mask = torch.zeros((b, width - 1))
-    ref_logp = torch.zeros((b, width - 1))
-    dec_mask = torch.zeros((b, width - 1))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
         ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
         attention[i, : len(row)] = 1
+    return ids, attention
+
+
+def collate(samples: Sequence[Sample], pad_id: int, ref: Sequence[Sequence[float]] | None = None) -> dict:
+    """Pad B samples into trajectory rows [B, W] and decision rows [B, Wd] (two forward passes, little padding).
+
+    Masks are aligned with next-token targets (position t scores token t + 1): rl_mask and ref_logp
+    [B, W-1], dec_mask [B, Wd-1]; advantage, c, has_decision: [B].
+    """
+    ids, attention = _pad([s.ids for s in samples], pad_id)
+    dec_ids, dec_attention = _pad([s.decision or [pad_id, pad_id] for s in samples], pad_id)
+    b = len(samples)
+    rl_mask, ref_logp = torch.zeros((b, ids.shape[1] - 1)), torch.zeros((b, ids.shape[1] - 1))
+    dec_mask = torch.zeros((b, dec_ids.shape[1] - 1))
     for i, s in enumerate(samples):
         n = len(s.mask)
         rl_mask[i, s.start - 1 : s.start - 1 + n] = torch.tensor(s.mask, dtype=torch.float)
@@ -269,6 +274,8 @@ def collate(samples: Sequence[Sample], pad_id: int, ref: Sequence[Sequence[float
     return {
         "input_ids": ids,
         "attention_mask": attention,
+        "dec_input_ids": dec_ids,
+        "dec_attention_mask": dec_attention,
         "rl_mask": rl_mask,
         "ref_logp": ref_logp,
         "dec_mask": dec_mask,
@@ -285,11 +292,10 @@ def token_logps(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tenso
 
 
 def batch_loss(model: Any, batch: dict, config: MStepConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Forward the 2B rows of a collated batch; return the total loss and its parts (detached)."""
+    """Forward the trajectory rows and the decision rows of a collated batch; return the loss and its parts."""
     logp = token_logps(model, batch["input_ids"], batch["attention_mask"])
-    b = batch["advantage"].shape[0]
     rl, stats = policy_loss(
-        logp[:b],
+        logp,
         batch["ref_logp"],
         batch["advantage"],
         batch["rl_mask"],
@@ -297,7 +303,8 @@ def batch_loss(model: Any, batch: dict, config: MStepConfig) -> tuple[torch.Tens
         config.clip_form,
         config.ratio_level,
     )
-    prefix_logp = (logp[b:] * batch["dec_mask"]).sum(-1)
+    dec_logp = token_logps(model, batch["dec_input_ids"], batch["dec_attention_mask"])
+    prefix_logp = (dec_logp * batch["dec_mask"]).sum(-1)
     dec = decision_loss(prefix_logp, batch["c"], batch["has_decision"])
     loss = rl + config.decision_weight * dec
     return loss, {"rl_loss": rl.detach(), "decision_loss": dec.detach(), **stats}

@@ -248,7 +248,7 @@ class SandboxPool:
                 socket.send_fds(self._ctl, [json.dumps(spec).encode()], [theirs.fileno()])
         finally:
             theirs.close()
-        got: dict[str, dict] = {}  # the monitor's "hello" and the session's "ready" may come in either order
+        got: dict[str, dict] = {}  # the template's "hello" and the session's "ready" come in either order
         deadline = time.monotonic() + self.config.start_timeout_s
         while not ({"hello", "ready"} <= got.keys() or "fatal" in got or "exit" in got):
             msg = _recv(ours, deadline - time.monotonic())
@@ -271,7 +271,7 @@ class SandboxPool:
                 "landlock": cfg.landlock}  # fmt: skip
 
     def _stop(self, sess: _Session, why: str) -> None:
-        """SIGKILL the session (its PID namespace dies with it), wait for the monitor's report, clean up."""
+        """SIGKILL the session (its PID namespace dies with it), wait for the template's report, clean up."""
         if sess.pidfd >= 0:
             with contextlib.suppress(OSError):
                 signal.pidfd_send_signal(sess.pidfd, signal.SIGKILL)

@@ -7,12 +7,13 @@ fork instead of an interpreter start plus seconds of imports.
 
 Process tree for one session (the pool talks to B over a SOCK_SEQPACKET socket it created):
 
-    pool (caller)  ──control socket──>  template  ──fork──>  A (monitor, root, tiny)  ──fork──>  B (the code)
+    pool (caller)  ──control socket──>  template (root, warm)  ──fork──>  B (one session: the code)
 
-* A unshares a network and a PID namespace (when the kernel lets it), forks B, tells the pool B's pid,
-  then waits for B. When B dies (finished, killed on timeout, crashed) A sends the exit status over
-  the same socket and exits. Since B is PID 1 of its namespace, the kernel kills every process the
-  code started when B dies: nothing survives a session.
+* Before each fork the template unshares a network and a PID namespace (when the kernel lets it), so B
+  gets a fresh network namespace and is PID 1 of a fresh PID namespace. The template tells the pool
+  B's pid, reaps B when it dies (finished, killed on timeout, crashed) and sends its exit status over
+  B's socket. Since B is PID 1 of its namespace, the kernel kills every process the code started when
+  B dies: nothing survives a session.
 * B drops to its own unprivileged uid, applies rlimits, Landlock, and then executes code blocks.
 
 Messages are JSON (never pickle: B runs untrusted code, so whatever it sends is untrusted data).
@@ -26,10 +27,12 @@ import ast
 import contextlib
 import ctypes
 import errno
+import gc
 import io
 import json
 import linecache
 import os
+import select
 import signal
 import socket
 import sys
@@ -41,7 +44,6 @@ PRELOAD = ("math", "itertools", "fractions", "numpy", "sympy")
 MAX_MSG = 1 << 20
 CLONE_NEWNET = 0x40000000
 CLONE_NEWPID = 0x20000000
-CLONE_NEWUSER = 0x10000000
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
 PR_SET_NO_NEW_PRIVS = 38
@@ -63,17 +65,18 @@ def send(sock: socket.socket, obj: dict) -> None:
         sock.send(json.dumps(obj).encode()[:MAX_MSG])
 
 
-# ---------------------------------------------------------------- isolation layers (run in A and B)
+# ---------------------------------------------------------------- isolation layers
 
 
-def unshare_namespaces() -> list[str]:
-    """New network + PID namespaces for the children of the caller; returns the layers obtained."""
-    flags = CLONE_NEWNET | CLONE_NEWPID
-    if _libc.unshare(flags) == 0:
-        return ["netns", "pidns"]
-    if os.getuid() != 0 and _libc.unshare(flags | CLONE_NEWUSER) == 0:
-        return ["userns", "netns", "pidns"]
-    return []
+def unshare_namespaces(own_pidns_fd: int) -> list[str]:
+    """A new network namespace for the caller and a new PID namespace for its next child (needs CAP_SYS_ADMIN).
+
+    The kernel refuses a second CLONE_NEWPID while the children's namespace differs from the caller's, so
+    it is first reset with setns on the caller's own PID namespace (`own_pidns_fd`, /proc/self/ns/pid).
+    Unprivileged user namespaces are not used: the template would nest one more per session (max depth 32).
+    """
+    _libc.setns(own_pidns_fd, CLONE_NEWPID)
+    return ["netns", "pidns"] if _libc.unshare(CLONE_NEWNET | CLONE_NEWPID) == 0 else []
 
 
 class _RulesetAttr(ctypes.Structure):
@@ -355,45 +358,62 @@ def _set_cpu_soft_limit(timeout_s: float) -> None:
     resource.setrlimit(resource.RLIMIT_CPU, (min(soft, hard), hard))
 
 
-# ---------------------------------------------------------------- monitor A and the template
+# ---------------------------------------------------------------- the template
 
 
-def monitor_main(sock: socket.socket, spec: dict) -> None:
-    """Process A: namespaces, fork B, report B's pid and, later, how B ended. Never returns."""
-    try:
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        ns_layers = unshare_namespaces() if spec.get("namespaces", True) else []
-        if "pidns" not in ns_layers:
-            _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans of B come back here to be killed
-        pid = os.fork()
-        if pid == 0:
-            try:
-                session_main(sock, spec, ns_layers)
-            except BaseException as e:  # noqa: BLE001 - report any set-up failure, then die
-                send(sock, {"t": "fatal", "error": f"{type(e).__name__}: {e}"})
-            os._exit(70)
-        send(sock, {"t": "hello", "pid": pid})
-        status = _wait_for(pid)
-        if "pidns" not in ns_layers:
-            _kill_leftovers(pid, spec.get("uid"))
-        send(sock, {"t": "exit", "code": os.waitstatus_to_exitcode(status)})
-    finally:
-        os._exit(0)
+def _spawn_session(ctl: socket.socket, sessions: dict, state: dict) -> bool:
+    """Receive one spawn request and fork the session B; False when the pool has gone away."""
+    data, fds, _flags, _addr = socket.recv_fds(ctl, MAX_MSG, 4)
+    if not data:
+        return False
+    for extra in fds[1:]:
+        os.close(extra)
+    if not fds:
+        return True
+    sock, spec = socket.socket(fileno=fds[0]), json.loads(data)
+    # unshare moves the template itself to a fresh network namespace and makes its *next* child PID 1 of a
+    # fresh PID namespace: one fork per session, and every session gets its own namespaces.
+    ns_layers = unshare_namespaces(state["pidns_fd"]) if spec.get("namespaces", True) else []
+    if state.get("pidns") and "pidns" not in ns_layers:  # never fork into the previous session's namespace
+        send(sock, {"t": "fatal", "error": "could not create namespaces for a new session"})
+        sock.close()
+        return True
+    state["pidns"] = int(state.get("pidns") or "pidns" in ns_layers)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            session_main(sock, spec, ns_layers)
+        except BaseException as e:  # noqa: BLE001 - report any set-up failure, then die
+            send(sock, {"t": "fatal", "error": f"{type(e).__name__}: {e}"})
+        os._exit(70)
+    sessions[pid] = (sock, spec.get("uid"), "pidns" in ns_layers)
+    send(sock, {"t": "hello", "pid": pid})
+    return True
 
 
-def _wait_for(pid: int) -> int:
+def _reap_sessions(sessions: dict) -> None:
+    """Reap every ended child; for a session, clean up after it and tell the pool how it ended."""
     while True:
         try:
-            got, status = os.waitpid(-1, 0)
-        except InterruptedError:
-            continue
-        if got == pid:
-            return status
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        if pid not in sessions:
+            continue  # an orphan adopted from a session without a PID namespace, or a kill helper
+        sock, uid, had_pidns = sessions.pop(pid)
+        if not had_pidns:
+            _kill_leftovers(pid, uid)
+        send(sock, {"t": "exit", "code": os.waitstatus_to_exitcode(status)})
+        sock.close()
 
 
 def _kill_leftovers(pid: int, uid: int | None) -> None:
-    """Without a PID namespace: kill B's process group, and every process of the session uid, then reap."""
+    """Without a PID namespace: kill B's process group, and every process of the session uid."""
     with contextlib.suppress(OSError):
         os.killpg(pid, signal.SIGKILL)
     if uid is not None:
@@ -402,46 +422,54 @@ def _kill_leftovers(pid: int, uid: int | None) -> None:
             os.setresuid(uid, uid, uid)
             os.kill(-1, signal.SIGKILL)  # as that uid: every process it owns (all are this session's)
             os._exit(0)
-    while True:
-        try:
-            os.waitpid(-1, 0)
-        except ChildProcessError:
-            return
-        except InterruptedError:
-            continue
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(killer, 0)
 
 
-def _reap(*_: object) -> None:
-    while True:
-        try:
-            pid, _status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
+WARM_UP = """
+import sympy as sp, numpy as np
+from fractions import Fraction
+x, y = sp.symbols('x y')
+sp.solve(x**2 - 5*x + 6, x); sp.solve([x + y - 3, x - y - 1], [x, y]); sp.simplify((x**2 - 4) / (x - 2))
+sp.factor(x**3 - 1); sp.expand((x + 1)**3); sp.integrate(x**2, (x, 0, 1)); sp.diff(sp.sin(x) * x, x)
+sp.nsimplify(0.5); sp.N(sp.pi, 20); sp.sqrt(8); sp.Rational(3, 4) + 1; sp.Matrix([[1, 2], [3, 4]]).det()
+sp.isprime(97); sp.divisors(60); sp.binomial(10, 3); sp.gcd(12, 18); sp.summation(1 / x**2, (x, 1, 10))
+sp.latex(x**2); str(sp.Eq(x, 1)); sp.limit(sp.sin(x) / x, x, 0); sp.solveset(x**2 - 1, x, sp.S.Reals)
+Fraction(1, 3) + Fraction(1, 6); np.linalg.solve(np.eye(2), np.ones(2)); np.array([1.5]).sum()
+"""
+
+
+def _warm_up() -> None:
+    """Run typical math code once, so the lazy imports and caches it fills are inherited by every session."""
+    exec(compile(WARM_UP, "<warm-up>", "exec"), {"__name__": "__warmup__"})
 
 
 def template_main(ctl_fd: int) -> None:
-    """Preload the heavy modules, then fork one monitor per request until the pool goes away."""
+    """Preload and warm the heavy modules, then fork one session per request until the pool goes away."""
     for name in PRELOAD:
         __import__(name)
+    _warm_up()
+    gc.freeze()  # keep the collector off the template's objects: children then share those pages for good
     ctl = socket.socket(fileno=ctl_fd)
-    signal.signal(signal.SIGCHLD, _reap)
+    _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans of sessions without a PID namespace come here
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)  # the wake-up fd, not the handler, triggers reaping
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    poller = select.poll()
+    poller.register(ctl, select.POLLIN)
+    poller.register(wake_r, select.POLLIN)
+    sessions: dict[int, tuple[socket.socket, int | None, bool]] = {}
+    state: dict[str, int] = {"pidns_fd": os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)}
     ctl.send(b'{"t": "template-ready"}')
     while True:
-        try:
-            data, fds, _flags, _addr = socket.recv_fds(ctl, MAX_MSG, 4)
-        except InterruptedError:
-            continue
-        if not data:
-            return
-        spec = json.loads(data)
-        if fds and os.fork() == 0:
-            ctl.close()
-            monitor_main(socket.socket(fileno=fds[0]), spec)
-        for fd in fds:
-            os.close(fd)
+        for fd, _event in poller.poll():
+            if fd == wake_r:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(wake_r, 4096)
+                _reap_sessions(sessions)
+            elif not _spawn_session(ctl, sessions, state):
+                return
 
 
 if __name__ == "__main__":

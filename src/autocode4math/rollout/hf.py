@@ -3,6 +3,8 @@
 Stop strings use transformers' own `stop_strings` criterion (it needs the tokenizer passed to
 `generate`); a row that stopped keeps being padded while its neighbours run, so each row is cut
 afterwards at the token that completed the stop string or at its first EOS (`finish_generation`).
+transformers matches stop strings across the whole sequence, context included; a row it stopped on
+a match that started in the context (so the generated text alone lacks the stop string) ends as EOS.
 
 Simplifications: one `max_new_tokens` per batch (the largest remaining budget in it; rows are cut
 to their own budget afterwards) and one torch seed per batch call.

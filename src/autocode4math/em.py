@@ -1,0 +1,314 @@
+"""The EM loop (`autocode train`) and the baselines it is compared with, as one resumable loop.
+
+Each iteration has three stages, each writing to its own directory under the run directory:
+
+    iter-01/collect/   training data: E-step rollouts + subsample (em), on-policy rollouts (rl),
+                       or the next slice of a fixed dataset (sft)
+    iter-01/mstep/     the policy update; its model/ is the next iteration's policy
+    iter-01/eval/      the dev split in all three modes (auto, cot, code)
+
+`state.json` in the run directory lists the finished stages. Running the same command again skips
+them and resumes the stage in progress: the E-step and the evaluation append their rollouts line by
+line and only generate what is missing; the M-step restarts from its last training-state checkpoint.
+`metrics.jsonl` holds one row per evaluated iteration, with the cumulative number of *generated*
+tokens spent on training data (the rollout budget every method is compared under).
+
+Methods (the paper's Fig. 4):
+- `em`: guided exploration (estep.run_estep) then off-policy RL with the decision term (mstep).
+- `rl`: on-policy RL, no E-step: the current policy's own auto-mode rollouts, group-normalised
+  advantage, the clipped objective against the policy that generated them, no decision term.
+  Started from the base model this is Base+RL; from the SFT model, SFT+RL.
+- `sft`: supervised fine-tuning on a fixed dataset (for the toy world, toyworld.sft_corpus);
+  it generates nothing, so its x-axis is the number of training tokens instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from autocode4math.config import save_config
+from autocode4math.estep import EStepConfig, add_decision_tokens, advantages, decision_of, record_key, run_estep
+from autocode4math.io import JsonlAppender, read_done, read_json, read_jsonl, write_json, write_jsonl
+from autocode4math.mstep import MStepConfig, run_mstep
+
+METHODS = ("em", "rl", "sft")
+CHECKPOINTS = Path(__file__).parent / "checkpoints"
+"""Shipped toy checkpoints, addressable by name (toy-base, toy-sft)."""
+
+
+@dataclass
+class DevEval:
+    """The evaluation after each iteration."""
+
+    source: str = "toy:dev"
+    """Anything `benchmarks.load_problems` reads (`toy:dev` is the toy world's dev split)."""
+    modes: list[str] = field(default_factory=lambda: ["auto", "cot", "code"])
+    limit: int | None = None
+    """Evaluate only the first `limit` questions (None: all)."""
+    max_new_tokens: int = 512
+    batch_size: int = 32
+    every: int = 1
+    """Evaluate after every `every` iterations (and always after the last); 0 never."""
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ValueError(f"every must be >= 0, got {self.every}")
+
+
+@dataclass
+class TrainConfig:
+    """One training run: a method, a starting model, a query set and the stage settings."""
+
+    method: str = "em"
+    """em, rl or sft."""
+    model: str = "toy-base"
+    """Starting checkpoint: a directory, a hub id, or a shipped toy checkpoint name (toy-base, toy-sft)."""
+    queries: str = "toy"
+    """Training queries: anything `load_problems` reads (its train split)."""
+    queries_limit: int | None = None
+    """Use only the first `queries_limit` queries (None: all)."""
+    iterations: int = 3
+    out: str = "runs/train"
+    """Run directory (resumed when it already exists)."""
+    rl_samples: int = 16
+    """rl: auto-mode rollouts per query and iteration (2K, the E-step's count over both decisions)."""
+    sft_data: str | None = None
+    """sft: a JSONL of training records; None builds the toy world's fixed SFT set."""
+    sft_per_iteration: int = 256
+    """sft: records consumed per iteration."""
+    estep: EStepConfig = field(default_factory=EStepConfig)
+    mstep: MStepConfig = field(default_factory=MStepConfig)
+    eval: DevEval = field(default_factory=DevEval)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.iterations < 1:
+            raise ValueError(f"iterations must be >= 1, got {self.iterations}")
+        if self.rl_samples < 2:
+            raise ValueError("rl_samples must be >= 2 (the advantage is normalised within a query's group)")
+        if self.sft_per_iteration < 1:
+            raise ValueError(f"sft_per_iteration must be >= 1, got {self.sft_per_iteration}")
+
+
+def resolve_model(name: str) -> str:
+    """A directory as given; a shipped toy checkpoint by name; anything else is passed on (hub id)."""
+    if Path(name).exists():
+        return str(name)
+    if (CHECKPOINTS / name / "config.json").exists():
+        return str(CHECKPOINTS / name)
+    return name
+
+
+class RunState:
+    """The finished stages of a run, persisted in state.json after each one."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / "state.json"
+        self.done: dict[str, Any] = read_json(self.path) if self.path.exists() else {}
+
+    def get(self, stage: str) -> Any:
+        return self.done.get(stage)
+
+    def finish(self, stage: str, result: Any) -> None:
+        self.done[stage] = result
+        write_json(self.path, self.done)
+
+
+def train(config: TrainConfig, progress: bool = True) -> list[dict[str, Any]]:
+    """Run (or resume) the loop; return the per-iteration metrics rows (also in metrics.jsonl)."""
+    from autocode4math.benchmarks import load_problems
+
+    run = Path(config.out)
+    run.mkdir(parents=True, exist_ok=True)
+    save_config(config, run / "config.yaml")
+    state = RunState(run)
+    problems = load_problems(config.queries, split="train", limit=config.queries_limit)
+    policy = resolve_model(config.model)
+    rows = [_evaluate_stage(state, run / "iter-00" / "eval", policy, config, 0, {"tokens": 0}, progress)]
+    spent = {"tokens": 0, "train_tokens": 0}
+    for it in range(1, config.iterations + 1):
+        d = run / f"iter-{it:02d}"
+        collected = state.get(f"{it}/collect")
+        if collected is None:
+            collected = collect(config, policy, problems, d / "collect", it, progress)
+            state.finish(f"{it}/collect", collected)
+        spent = {k: spent[k] + collected[k] for k in spent}
+        mstep_config = _mstep_config(config, it)
+        model = state.get(f"{it}/mstep")
+        if model is None:
+            model = str(run_mstep(policy, collected["data"], mstep_config, d / "mstep", progress=progress))
+            state.finish(f"{it}/mstep", model)
+        policy = model
+        last = it == config.iterations
+        if config.eval.every and (it % config.eval.every == 0 or last):
+            rows.append(_evaluate_stage(state, d / "eval", policy, config, it, spent, progress))
+    write_jsonl(run / "metrics.jsonl", [r for r in rows if r is not None])
+    write_json(run / "final.json", {"model": policy, "iterations": config.iterations, **spent})
+    return [r for r in rows if r is not None]
+
+
+def _mstep_config(config: TrainConfig, iteration: int) -> MStepConfig:
+    """Per-method M-step settings: rl has no decision term, sft the supervised objective; seeds vary by iteration."""
+    changes: dict[str, Any] = {"seed": config.mstep.seed + iteration}
+    if config.method == "rl":
+        changes["decision_weight"] = 0.0
+    if config.method == "sft":
+        changes["objective"] = "sft"
+    return dataclasses.replace(config.mstep, **changes)
+
+
+def collect(config: TrainConfig, policy: str, problems: list[Any], out: Path, it: int, progress: bool) -> dict:
+    """Build one iteration's training data; return {data: path, tokens: generated, train_tokens: trained}."""
+    out.mkdir(parents=True, exist_ok=True)
+    if config.method == "em":
+        estep = dataclasses.replace(config.estep, seed=config.estep.seed + it)
+        summary = run_estep(policy, problems, estep, out, progress=progress)
+        data = out / "train.jsonl"
+        return {"data": str(data), "tokens": summary["generated_tokens"], "train_tokens": _train_tokens(data)}
+    if config.method == "rl":
+        return collect_on_policy(config, policy, problems, out, it, progress)
+    return collect_sft(config, policy, out, it)
+
+
+def collect_on_policy(config: TrainConfig, policy: str, problems: list[Any], out: Path, it: int, progress: bool) -> dict:
+    """On-policy rollouts of the current policy in auto mode; every rollout is a training record."""
+    from autocode4math.rollout import make_backend, make_requests, run_rollouts
+
+    path = out / "rollouts.jsonl"
+    done = {record_key(r): r for r in read_done(path)}
+    requests = make_requests(problems, ["auto"], config.rl_samples, config.estep.prompt)
+    todo = [r for r in requests if _request_key(r) not in done]
+    backend = make_backend(config.estep.backend, policy, **_backend_options(config))
+    if todo:
+        rollout = dataclasses.replace(config.estep.rollout, seed=config.estep.rollout.seed + it)
+        with JsonlAppender(path) as sink:
+
+            def keep(record: dict[str, Any]) -> None:
+                sink.write(record)
+                done[record_key(record)] = record
+
+            run_rollouts(backend, todo, rollout, on_record=keep, progress=progress, prompt_config=config.estep.prompt)
+    records = [done[_request_key(r)] for r in requests]
+    code_prefix = config.estep.prompt.code_prefix
+    adv = advantages(records, config.estep.adv_eps)
+    train = []
+    for record, a in zip(records, adv, strict=True):
+        row = {**record, "c": decision_of(record, code_prefix), "advantage": a, "key": record_key(record)}
+        add_decision_tokens(row, backend.tokenizer, code_prefix + "\n", code_prefix)
+        train.append(row)
+    data = out / "train.jsonl"
+    write_jsonl(data, train)
+    tokens = sum(int(r["n_generated_tokens"]) for r in records)
+    write_json(out / "summary.json", {"n_rollouts": len(records), "generated_tokens": tokens})
+    return {"data": str(data), "tokens": tokens, "train_tokens": _train_tokens(data)}
+
+
+def collect_sft(config: TrainConfig, policy: str, out: Path, it: int) -> dict:
+    """The next `sft_per_iteration` records of the fixed dataset (cycling), with advantage 1."""
+    rows = list(read_jsonl(config.sft_data)) if config.sft_data else toy_sft_records(policy, config)
+    n = config.sft_per_iteration
+    start = ((it - 1) * n) % len(rows)
+    chunk = [rows[(start + i) % len(rows)] for i in range(n)]
+    data = out / "train.jsonl"
+    write_jsonl(data, chunk)
+    return {"data": str(data), "tokens": 0, "train_tokens": _train_tokens(data)}
+
+
+def toy_sft_records(policy: str, config: TrainConfig, n: int = 4096, seed: int = 1) -> list[dict[str, Any]]:
+    """The toy world's fixed SFT set (code chosen at random, not by family) as training records."""
+    from transformers import AutoTokenizer
+
+    from autocode4math.rollout.engine import encode, encode_prompt
+    from autocode4math.toyworld import held_out_questions, sft_corpus
+
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    rows = []
+    for i, demo in enumerate(sft_corpus(n, seed, exclude=held_out_questions())):
+        response_ids = encode(tokenizer, demo.response) + [tokenizer.eos_token_id]
+        rows.append(
+            {
+                "key": f"sft/{i}",
+                "prompt_ids": encode_prompt(tokenizer, demo.prompt),
+                "prefix_ids": encode(tokenizer, demo.prefix),
+                "response_ids": response_ids,
+                "response_mask": _tool_mask(tokenizer, demo.response, response_ids),
+                "advantage": 1.0,
+                "c": int("```python" in demo.response),
+                "correct": True,
+                "used_code": "```python" in demo.response,
+            }
+        )
+    return rows
+
+
+def _tool_mask(tokenizer: Any, response: str, response_ids: list[int]) -> list[int]:
+    """1 for every token outside ```output blocks, 0 inside them (tool text is never trained on)."""
+    from autocode4math.rollout.engine import encode
+
+    mask: list[int] = []
+    for i, piece in enumerate(response.split("```output")):
+        if i == 0:
+            mask += [1] * len(encode(tokenizer, piece))
+            continue
+        tool, _, rest = piece.partition("```\n")
+        mask += [0] * len(encode(tokenizer, "```output" + tool + "```\n")) + [1] * len(encode(tokenizer, rest))
+    mask += [1] * (len(response_ids) - len(mask))
+    return mask[: len(response_ids)]
+
+
+def _train_tokens(path: Path) -> int:
+    return sum(sum(r["response_mask"]) for r in read_jsonl(path))
+
+
+def _request_key(request: Any) -> str:
+    bench, mode, qid, sample = request.key()
+    return f"{bench}/{mode}/{qid}/{sample}"
+
+
+def _backend_options(config: TrainConfig) -> dict[str, Any]:
+    return {"batch_size": config.estep.batch_size} if config.estep.backend == "hf" else {}
+
+
+def _evaluate_stage(
+    state: RunState, out: Path, policy: str, config: TrainConfig, it: int, spent: dict, progress: bool
+) -> dict[str, Any] | None:
+    """Evaluate `policy` on the dev set (resumable) and return this iteration's metrics row."""
+    from autocode4math.evaluate import EvalConfig, run_eval
+
+    if not config.eval.every:
+        return None
+    row = state.get(f"{it}/eval")
+    if row is None:
+        ev = EvalConfig(
+            model=policy,
+            benchmarks=[config.eval.source],
+            modes=list(config.eval.modes),
+            n=1,
+            temperature=0.0,
+            limit=config.eval.limit,
+            out=str(out),
+            max_new_tokens=config.eval.max_new_tokens,
+            batch_size=config.eval.batch_size,
+            backend=config.estep.backend,
+            prompt=config.estep.prompt,
+        )
+        metrics = run_eval(ev, progress=progress)
+        row = {"iteration": it, "method": config.method, "model": policy, **spent, **flatten_metrics(metrics)}
+        state.finish(f"{it}/eval", row)
+    return row
+
+
+def flatten_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The figures the report plots, from an evaluation's metrics.json (one benchmark)."""
+    (bench, m), *_ = metrics.items()
+    out: dict[str, Any] = {"benchmark": bench}
+    for mode, mm in m["modes"].items():
+        out[f"{mode}_accuracy"] = mm["accuracy"]
+        out[f"{mode}_code_use_rate"] = mm["code_use_rate"]
+    out["union"] = m.get("union")
+    out["selection_accuracy"] = (m.get("selection") or {}).get("selection_accuracy")
+    return out
