@@ -26,6 +26,8 @@ SYMMETRIC = [
     ("\\sqrt{3}", "\\sqrt{2}", None, False),
     ("(1,2)", "\\left( 1, 2 \\right)", None, True),
     ("(1,2)", "(2,1)", None, False),
+    ("(1,2)", "\\{1,2\\}", None, False),  # a pair is not a set
+    ("\\{1,2\\}", "\\{2,1\\}", None, True),
     ("(1,2,3)", "(1,2)", None, False),
     ("(1,2)", "[1,2]", None, False),  # open vs closed ends
     ("(1,2]", "(1,2]", None, True),

@@ -17,6 +17,7 @@ from autocode4math.mstep import (
     collate,
     decision_loss,
     load_samples,
+    lr_lambda,
     micro_batches,
     policy_loss,
     run_mstep,
@@ -163,6 +164,14 @@ def test_load_samples_names_the_bad_line(tmp_path):
     path.write_text(json.dumps({"prompt_ids": [1]}) + "\n")
     with pytest.raises(DataError, match="train.jsonl:1: training record lacks"):
         load_samples(path)
+
+
+def test_lr_schedule_hand_values():
+    # warmup 2 of 10 steps, cosine to 0.1: 1/2, 2/2, then 0.1 + 0.9 * (1 + cos(pi * (s - 2) / 8)) / 2.
+    c = MStepConfig(warmup_steps=2, min_lr_ratio=0.1)
+    assert [lr_lambda(s, c, 10) for s in (0, 1, 2)] == pytest.approx([0.5, 1.0, 1.0])
+    assert lr_lambda(6, c, 10) == pytest.approx(0.55) and lr_lambda(10, c, 10) == pytest.approx(0.1)
+    assert lr_lambda(7, MStepConfig(schedule="constant"), 10) == 1.0
 
 
 def test_config_rejects_bad_values():
@@ -357,6 +366,7 @@ def test_run_mstep_resumes_to_the_same_result(tiny_model_dir, tiny, tmp_path):
     assert [r["loss"] for r in again] == pytest.approx([r["loss"] for r in rows], abs=1e-6)
     assert set(rows[0]) >= {"loss", "rl_loss", "decision_loss", "clip_frac", "approx_kl", "code_rate", "accuracy"}
     assert rows[0]["approx_kl"] == pytest.approx(0.0, abs=1e-6)  # first step: pi_theta is pi_ref
+    assert rows[0]["lr"] == pytest.approx(1e-3) and rows[-1]["lr"] < rows[1]["lr"]  # warmup 1, then cosine
     assert any((tmp_path / "full/tb").iterdir())
     assert (tmp_path / "full/model/tokenizer.json").exists()
 
@@ -388,3 +398,12 @@ def test_cli_mstep_runs_and_rejects_unknown_overrides(tiny_model_dir, tiny, tmp_
     assert ok.exit_code == 0, ok.output
     assert len((tmp_path / "m" / "metrics.jsonl").read_text().splitlines()) == 1
     assert "max_steps: 1" in (tmp_path / "m" / "mstep_config.yaml").read_text()
+
+
+def test_sft_loss_is_token_mean_nll_per_trajectory_then_mean():
+    from autocode4math.mstep import sft_loss
+
+    logp = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -9.0, -9.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    # trajectory 1: (1 + 2) / 2 = 1.5; trajectory 2: 0.5 / 1 = 0.5; mean 1.0 (masked -3 and -9 ignored)
+    assert sft_loss(logp, mask).item() == pytest.approx(1.0)

@@ -254,5 +254,32 @@ def mstep(
     typer.echo(str(run_mstep(model, data, cfg, out)))
 
 
+@app.command("train")
+def train_cmd(
+    config: str = typer.Option("", help="YAML preset with TrainConfig fields (e.g. presets/toy-em.yaml)."),
+    method: str = typer.Option("", help="em (default), rl (on-policy RL, no E-step) or sft (fixed dataset)."),
+    model: str = typer.Option("", help="Starting checkpoint: a directory, hub id, or toy-base / toy-sft."),
+    queries: str = typer.Option("", help="Training queries (train split): toy, a file, or a HF dataset id."),
+    out: str = typer.Option("", help="Run directory; running the same command again resumes it."),
+    iterations: int | None = typer.Option(None, help="EM iterations (E-step, M-step, dev evaluation each)."),
+    overrides: list[str] = typer.Option(
+        [], "--set", help="Dotted overrides, e.g. --set estep.k=8 --set mstep.lr=1e-5."
+    ),
+) -> None:
+    """The EM loop (or a baseline): collect data, update the policy, evaluate on dev; resumable by stage."""
+    from autocode4math.config import ConfigError, load_config
+    from autocode4math.em import TrainConfig, train
+
+    given = {"method": method, "model": model, "queries": queries, "out": out, "iterations": iterations}
+    extra = [f"{k}={v}" for k, v in given.items() if v not in ("", None)]
+    try:
+        cfg = load_config(TrainConfig, config or None, [*overrides, *extra])
+    except (ConfigError, OSError) as e:
+        raise typer.BadParameter(str(e)) from None
+    rows = train(cfg)
+    last = rows[-1] if rows else {}
+    typer.echo(f"done: {cfg.out} (final dev auto accuracy {last.get('auto_accuracy')})")
+
+
 if __name__ == "__main__":  # `accelerate launch -m autocode4math.cli mstep ...`
     app()

@@ -174,7 +174,9 @@ def collect(config: TrainConfig, policy: str, problems: list[Any], out: Path, it
     return collect_sft(config, policy, out, it)
 
 
-def collect_on_policy(config: TrainConfig, policy: str, problems: list[Any], out: Path, it: int, progress: bool) -> dict:
+def collect_on_policy(
+    config: TrainConfig, policy: str, problems: list[Any], out: Path, it: int, progress: bool
+) -> dict:
     """On-policy rollouts of the current policy in auto mode; every rollout is a training record."""
     from autocode4math.rollout import make_backend, make_requests, run_rollouts
 
@@ -208,18 +210,20 @@ def collect_on_policy(config: TrainConfig, policy: str, problems: list[Any], out
 
 
 def collect_sft(config: TrainConfig, policy: str, out: Path, it: int) -> dict:
-    """The next `sft_per_iteration` records of the fixed dataset (cycling), with advantage 1."""
-    rows = list(read_jsonl(config.sft_data)) if config.sft_data else toy_sft_records(policy, config)
+    """Records (it-1)*n .. it*n of the fixed dataset (cycling through a given file), with advantage 1."""
     n = config.sft_per_iteration
-    start = ((it - 1) * n) % len(rows)
-    chunk = [rows[(start + i) % len(rows)] for i in range(n)]
+    if config.sft_data:
+        rows = list(read_jsonl(config.sft_data))
+        chunk = [rows[((it - 1) * n + i) % len(rows)] for i in range(n)]
+    else:
+        chunk = toy_sft_records(policy, it * n)[-n:]
     data = out / "train.jsonl"
     write_jsonl(data, chunk)
     return {"data": str(data), "tokens": 0, "train_tokens": _train_tokens(data)}
 
 
-def toy_sft_records(policy: str, config: TrainConfig, n: int = 4096, seed: int = 1) -> list[dict[str, Any]]:
-    """The toy world's fixed SFT set (code chosen at random, not by family) as training records."""
+def toy_sft_records(policy: str, n: int, seed: int = 1) -> list[dict[str, Any]]:
+    """The first `n` records of the toy world's fixed SFT set (code chosen at random, not by family)."""
     from transformers import AutoTokenizer
 
     from autocode4math.rollout.engine import encode, encode_prompt

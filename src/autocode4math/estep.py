@@ -193,13 +193,12 @@ def subsample(
         idx = by_query[qid]
         pi1 = pi.get(qid, 0.5 if config.pi_prior > 0 else 0.0)
         s = reference_strategy(pi1, q[qid], config.alpha)
-        sizes = [sum(decision_of(records[i], code_prefix) == c for i in idx) for c in (0, 1)]
-        weights = [s[decision_of(records[i], code_prefix)] / sizes[decision_of(records[i], code_prefix)] for i in idx]
-        rng = random.Random(f"{config.seed}/{qid}")
-        chosen = _weighted_sample(idx, weights, quota[qid], rng)
+        cs = {i: decision_of(records[i], code_prefix) for i in idx}
+        sizes = [sum(c == d for c in cs.values()) for d in (0, 1)]
+        weights = [s[cs[i]] / sizes[cs[i]] for i in idx]
+        chosen = _weighted_sample(idx, weights, quota[qid], random.Random(f"{config.seed}/{qid}"))
         for i in chosen:
-            c = decision_of(records[i], code_prefix)
-            train.append({**records[i], "c": c, "advantage": adv[i], "key": record_key(records[i])})
+            train.append({**records[i], "c": cs[i], "advantage": adv[i], "key": record_key(records[i])})
         audit.append(
             {
                 "id": qid,
@@ -208,7 +207,7 @@ def subsample(
                 "s_star": {str(c): v for c, v in s.items()},
                 "n": {str(c): n for c, n in enumerate(sizes)},
                 "chosen": [record_key(records[i]) for i in chosen],
-                "chosen_c": [decision_of(records[i], code_prefix) for i in chosen],
+                "chosen_c": [cs[i] for i in chosen],
             }
         )
     return train, audit

@@ -229,7 +229,7 @@ def _gold_parts(gold: Any, benchmark: str | None) -> list[str]:
         if benchmark in LAST_NUMBER_BENCHMARKS and "####" in text:
             text = text.rsplit("####", 1)[1]
         parts = [p for p in re.split(r"\s+or\s+|\\(?:text|mbox)\{\s*or\s*\}|\\quad\s*or\s*\\quad", text) if p.strip()]
-    if not parts or not any(normalize(p) for p in parts):
+    if not parts or not all(normalize(p) for p in parts):
         raise ValueError(f"empty gold answer: {gold!r}")
     return parts
 
@@ -301,6 +301,9 @@ def _verify_one(pred: str, gold: str, benchmark: str | None) -> bool:
         if named is None:
             return False
         p = p[named.end() :]
+    shapes = {_shape(p), _shape(g)}
+    if None not in shapes and len(shapes) == 2:  # a set is not a tuple or an interval: {1,2} vs (1,2)
+        return False
     parsed_pred, parsed_gold = _parsed(p), _parsed(g)
     if not parsed_pred or not parsed_gold:
         return False
@@ -309,6 +312,12 @@ def _verify_one(pred: str, gold: str, benchmark: str | None) -> bool:
         value = value.rhs if isinstance(value, sympy.Eq) else value
         return isinstance(value, sympy.Basic) and value.is_number and value == sympy.Rational(_as_fraction(g))
     return bool(verify(list(parsed_gold), list(parsed_pred), timeout_seconds=None))
+
+
+def _shape(s: str) -> str | None:
+    if s.startswith("\\{") and s.endswith("\\}"):
+        return "set"
+    return "sequence" if s[:1] in "([" and s[-1:] in ")]" and "," in s else None
 
 
 def _match_all(preds: list[str], golds: list[str], benchmark: str | None) -> bool:

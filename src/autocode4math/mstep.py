@@ -76,6 +76,9 @@ class MStepConfig:
     """`token`: one ratio per token; `sequence`: one per trajectory (product over its tokens)."""
     decision_weight: float = 1.0
     """Weight w of the decision cross-entropy term."""
+    objective: str = "rl"
+    """`rl`: the clipped off-policy objective above; `sft`: the token-mean negative log-likelihood of the
+    model-written response tokens (the SFT baseline: advantages unused; ratio statistics still logged)."""
     bucket_window: int = 16
     """Micro-batches per length-sorting window (1: no bucketing)."""
     ref_batch_size: int = 8
@@ -122,6 +125,8 @@ class MStepConfig:
             raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         if self.clip_form not in ("ppo", "literal"):
             raise ValueError(f"clip_form must be 'ppo' or 'literal', got {self.clip_form!r}")
+        if self.objective not in ("rl", "sft"):
+            raise ValueError(f"objective must be 'rl' or 'sft', got {self.objective!r}")
         if self.ratio_level not in ("token", "sequence"):
             raise ValueError(f"ratio_level must be 'token' or 'sequence', got {self.ratio_level!r}")
 
@@ -165,6 +170,12 @@ def policy_loss(
         token_lr = (logp - ref_logp) * mask
         kl = ((torch.exp(token_lr) - 1 - token_lr) * mask).sum() / mask.sum().clamp(min=1)
     return loss, {"clip_frac": clip_frac, "approx_kl": kl}
+
+
+def sft_loss(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood, mean over each trajectory's masked tokens, then over trajectories. [B, T] -> []."""
+    mask = mask.to(logp.dtype)
+    return -((logp * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -303,6 +314,8 @@ def batch_loss(model: Any, batch: dict, config: MStepConfig) -> tuple[torch.Tens
         config.clip_form,
         config.ratio_level,
     )
+    if config.objective == "sft":
+        rl = sft_loss(logp, batch["rl_mask"])
     dec_logp = token_logps(model, batch["dec_input_ids"], batch["dec_attention_mask"])
     prefix_logp = (dec_logp * batch["dec_mask"]).sum(-1)
     dec = decision_loss(prefix_logp, batch["c"], batch["has_decision"])
@@ -541,11 +554,12 @@ def run_mstep(
                 accelerator.backward(loss / len(chunk))
             parts.append({"loss": loss.detach(), **part})
             seen += [samples[i] for i in idx]
-        norm = accelerator.clip_grad_norm_(params, config.max_grad_norm) if config.max_grad_norm else None
+        norm = accelerator.clip_grad_norm_(net.parameters(), config.max_grad_norm) if config.max_grad_norm else None
+        lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        metrics = {"step": step + 1, "lr": scheduler.get_last_lr()[0], **_step_metrics(parts, seen, accelerator)}
+        metrics = {"step": step + 1, "lr": lr, **_step_metrics(parts, seen, accelerator)}
         metrics["grad_norm"] = float(norm) if norm is not None else None
         _log(log, writer, metrics, accelerator, progress, total)
         if (step + 1) % config.save_every == 0 or step + 1 == total:
