@@ -130,6 +130,7 @@ def test_toy_split_loads_normalised_rows(tmp_path, monkeypatch):
     monkeypatch.setattr(benchmarks, "DATA_DIR", tmp_path)
     [p] = load_problems("toy", split="dev")
     assert p == Problem("t0", "2+3?", 5, "toy", {"family": "add", "difficulty": 1})
+    assert load_problems("toy:dev") == [p]  # the split named in the source, as eval's --benchmarks takes it
     with pytest.raises(FileNotFoundError, match="toy split 'test'"):
         load_problems("toy", split="test")
     with pytest.raises(ValueError, match="toy split must be one of"):

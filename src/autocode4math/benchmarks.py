@@ -237,17 +237,18 @@ def load_problems(
 ) -> list[Problem]:
     """Load problems as `Problem` records.
 
-    `source` is a shipped benchmark name, "toy" (with `split` train/dev/test), a .jsonl/.json/.parquet
-    path, or a Hugging Face dataset id (loaded with `split`). For files and datasets the question,
-    answer and id fields are detected from common names unless given; `benchmark` names the grading
-    convention (defaults to the file stem). Rows already in the normalised form keep their `meta`.
+    `source` is a shipped benchmark name, "toy" (with `split` train/dev/test; "toy:dev" names the
+    split), a .jsonl/.json/.parquet path, or a Hugging Face dataset id (loaded with `split`). For
+    files and datasets the question, answer and id fields are detected from common names unless
+    given; `benchmark` names the grading convention (defaults to the file stem). Rows already in the
+    normalised form keep their `meta`.
     """
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
     if source in BENCHMARKS:
         return _load_shipped(source, limit)
-    if source == "toy":
-        return _load_toy(split, limit)
+    if source == "toy" or source.startswith("toy:"):
+        return _load_toy(source.partition(":")[2] or split, limit)
     path = Path(source)
     if path.suffix.lower() in (".jsonl", ".json", ".parquet") or path.exists():
         if not path.exists():

@@ -307,8 +307,8 @@ def _evaluate_stage(
 
 
 def flatten_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The figures the report plots, from an evaluation's metrics.json (one benchmark)."""
-    (bench, m), *_ = metrics.items()
+    """The figures the report plots, from an evaluation's metrics (its first benchmark)."""
+    (bench, m), *_ = metrics["benchmarks"].items()
     out: dict[str, Any] = {"benchmark": bench}
     for mode, mm in m["modes"].items():
         out[f"{mode}_accuracy"] = mm["accuracy"]
