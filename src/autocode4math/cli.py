@@ -281,5 +281,26 @@ def train_cmd(
     typer.echo(f"done: {cfg.out} (final dev auto accuracy {last.get('auto_accuracy')})")
 
 
+@app.command("demo")
+def demo_cmd(
+    full: bool = typer.Option(False, "--full", help="The longer study (more queries, iterations and rollouts)."),
+    out: str = typer.Option("", help="Run directory (default runs/demo, or runs/demo-full); reruns resume."),
+    overrides: list[str] = typer.Option([], "--set", help="Dotted DemoConfig overrides, e.g. --set iterations=3."),
+) -> None:
+    """The toy study: EM vs Base+RL, SFT, SFT+RL from the shipped checkpoints; report.md, metrics.json, plots."""
+    from autocode4math.config import ConfigError, from_dict, parse_overrides, to_dict
+    from autocode4math.demo import DemoConfig, run_demo
+
+    base = DemoConfig.full() if full else DemoConfig()
+    try:
+        cfg = from_dict(DemoConfig, {**to_dict(base), **parse_overrides(overrides), **({"out": out} if out else {})})
+    except ConfigError as e:
+        raise typer.BadParameter(str(e)) from None
+    metrics = run_demo(cfg)
+    typer.echo(f"report: {cfg.out}/report.md ({metrics['seconds']:.0f} s)")
+    for name, t in metrics["targets"].items():
+        typer.echo(f"  {name}: {'met' if t['met'] else 'NOT met'}")
+
+
 if __name__ == "__main__":  # `accelerate launch -m autocode4math.cli mstep ...`
     app()
