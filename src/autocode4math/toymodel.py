@@ -132,7 +132,8 @@ class PretrainConfig:
     out_dir: str = ""
     """Where to save; default: the package's checkpoints/toy-<stage>."""
     init_from: str = ""
-    """Checkpoint to start the sft stage from; default: the package's toy-base."""
+    """Checkpoint to start from: the sft stage defaults to the package's toy-base; a base stage given one
+    continues its pretraining (with its tokenizer) instead of starting from scratch."""
     seed: int = 0
     """Seeds the corpus, the initialisation and the batch order."""
     n_examples: int = 40000
@@ -184,7 +185,7 @@ def _corpus(config: PretrainConfig) -> list[toyworld.Demo]:
 
 
 def _start(config: PretrainConfig, corpus: list[toyworld.Demo]) -> tuple[Qwen2ForCausalLM, PreTrainedTokenizerFast]:
-    if config.stage == "sft":
+    if config.stage == "sft" or config.init_from:
         init = config.init_from or str(CHECKPOINT_DIR / "toy-base")
         return AutoModelForCausalLM.from_pretrained(init), AutoTokenizer.from_pretrained(init)
     texts = [d.prompt + d.prefix + d.response for d in corpus]
