@@ -109,17 +109,17 @@ def train_config(config: DemoConfig, method: str) -> TrainConfig:
     )
 
 
-def evaluate_test(config: DemoConfig, name: str, model: str, progress: bool) -> dict[str, Any]:
-    """auto/cot/code on the toy test split (greedy), resumable in <out>/test/<name>."""
+def evaluate(config: DemoConfig, model: str, source: str, out: Path, progress: bool) -> dict[str, Any]:
+    """auto/cot/code on a toy split (greedy, one sample per question), resumable in `out`."""
     from autocode4math.evaluate import EvalConfig, run_eval
 
     ev = EvalConfig(
         model=model,
-        benchmarks=["toy"],
+        benchmarks=[source],
         n=1,
         temperature=0.0,
-        limit=config.test,
-        out=str(Path(config.out) / "test" / name),
+        limit=config.test if source == "toy:test" else config.dev,
+        out=str(out),
         max_new_tokens=config.max_new_tokens,
         batch_size=config.batch_size,
         max_active=256,
@@ -142,10 +142,10 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict[str, Any]:
         curves[method] = train(train_config(config, method), progress=progress)
         finals[method] = curves[method][-1]["model"]
     finals["base"] = resolve_model("toy-base")
-    test = {name: evaluate_test(config, name, model, progress) for name, model in finals.items()}
+    test = {name: evaluate(config, model, "toy:test", out / "test" / name, progress) for name, model in finals.items()}
     sft_dev = None
     if "sft" in config.methods:
-        sft_dev = _dev_of(config, resolve_model("toy-sft"), progress)
+        sft_dev = evaluate(config, finals["sft"], "toy:dev", out / "sft" / "dev", progress)
     phases = code_rate_phases(out / "em") if "em" in config.methods else {}
     metrics = {
         "config": dataclasses.asdict(config),
@@ -162,30 +162,13 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict[str, Any]:
     return metrics
 
 
-def _dev_of(config: DemoConfig, model: str, progress: bool) -> dict[str, Any]:
-    from autocode4math.evaluate import EvalConfig, run_eval
-
-    ev = EvalConfig(
-        model=model,
-        benchmarks=["toy:dev"],
-        n=1,
-        temperature=0.0,
-        limit=config.dev,
-        out=str(Path(config.out) / "sft" / "dev"),
-        max_new_tokens=config.max_new_tokens,
-        batch_size=config.batch_size,
-        max_active=256,
-    )
-    return flatten_metrics(run_eval(ev, progress=progress))
-
-
 def code_rate_phases(em_run: Path) -> dict[str, list[float]]:
     """Per-query unprompted code-use rate at the first, middle and last E-step (from the audit files)."""
-    audits = sorted(em_run.glob("iter-*/collect/audit.jsonl"))
-    if not audits:
+    files = sorted(em_run.glob("iter-*/collect/rollouts.jsonl"))
+    if not files:
         return {}
-    picks = sorted({0, len(audits) // 2, len(audits) - 1})
-    return {f"iteration {int(audits[i].parts[-3][5:])}": _raw_pi(audits[i].parent) for i in picks}
+    picks = sorted({0, len(files) // 2, len(files) - 1})
+    return {f"iteration {int(files[i].parts[-3][5:])}": _raw_pi(files[i].parent) for i in picks}
 
 
 def _raw_pi(collect_dir: Path) -> list[float]:

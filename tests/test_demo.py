@@ -1,0 +1,57 @@
+"""`autocode demo` end to end at a tiny size, from the shipped toy checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from autocode4math.demo import DemoConfig, code_rate_phases, run_demo, targets
+
+
+@pytest.mark.slow
+def test_demo_writes_report_metrics_and_figures_and_resumes(tmp_path):
+    cfg = DemoConfig(
+        out=str(tmp_path / "demo"), iterations=1, queries=2, k=2, per_query=2, dev=2, test=3, max_new_tokens=48
+    )
+    metrics = run_demo(cfg, progress=False)
+    out = tmp_path / "demo"
+    for name in ("report.md", "metrics.json", "fig4_accuracy_vs_tokens.png", "fig5_code_rate_distribution.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "fig6_modes.png").stat().st_size > 0
+    assert set(metrics["test"]) == {"em", "base_rl", "sft_rl", "sft", "base"}
+    for curve in metrics["curves"].values():
+        assert [r["iteration"] for r in curve] == [0, 1]
+        assert curve[1]["tokens"] > 0
+    assert {"em_auto_vs_best_mode", "selection_accuracy", "code_rate_reduction"} <= set(metrics["targets"])
+    assert "## Targets" in (out / "report.md").read_text()
+    assert json.loads((out / "metrics.json").read_text())["test"] == metrics["test"]
+    again = run_demo(cfg, progress=False)  # everything is on disk: nothing is generated or trained again
+    assert again["test"] == metrics["test"] and again["curves"] == metrics["curves"]
+
+
+def test_targets_compare_the_measured_numbers():
+    em = {
+        "auto_accuracy": 0.80,
+        "cot_accuracy": 0.60,
+        "code_accuracy": 0.70,
+        "selection_accuracy": 0.9,
+        "auto_code_use_rate": 0.4,
+        "code_code_use_rate": 1.0,
+    }
+    t = targets({"em": em, "sft_rl": {"auto_accuracy": 0.81}})
+    assert t["em_auto_vs_best_mode"]["met"]  # 0.80 >= 0.70 + 0.05
+    assert t["selection_accuracy"]["met"]
+    assert t["code_rate_reduction"]["met"]  # 0.4 <= 0.7 * 1.0 and auto 0.80 >= code 0.70
+    assert not t["em_vs_sft_rl_auto"]["met"]  # 0.80 < 0.81
+    assert not targets({"em": {**em, "auto_accuracy": 0.74}})["em_auto_vs_best_mode"]["met"]
+
+
+def test_code_rate_phases_reads_unprompted_rollouts(tmp_path):
+    for it, used in ((1, [False, False]), (2, [True, False]), (3, [True, True])):
+        d = tmp_path / f"iter-{it:02d}" / "collect"
+        d.mkdir(parents=True)
+        rows = [{"mode": "auto", "prefix": "", "id": "q", "used_code": u} for u in used]
+        rows.append({"mode": "code", "prefix": "Let's", "id": "q", "used_code": True})  # forced: not counted
+        (d / "rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert code_rate_phases(tmp_path) == {"iteration 1": [0.0], "iteration 2": [0.5], "iteration 3": [1.0]}
