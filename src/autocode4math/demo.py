@@ -163,7 +163,7 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict[str, Any]:
 
 
 def code_rate_phases(em_run: Path) -> dict[str, list[float]]:
-    """Per-query unprompted code-use rate at the first, middle and last E-step (from the audit files)."""
+    """Per-query unprompted code-use rate at the first, middle and last E-step (its auto rollouts)."""
     files = sorted(em_run.glob("iter-*/collect/rollouts.jsonl"))
     if not files:
         return {}

@@ -138,8 +138,8 @@ class PretrainConfig:
     """Seeds the corpus, the initialisation and the batch order."""
     n_examples: int = 40000
     """Demonstrations generated for the stage."""
-    steps: int = 2000
-    """Optimizer steps."""
+    steps: int = 1000
+    """Optimizer steps (1000 x 32 sequences is NOT enough for the base to learn to copy digits; see docs)."""
     batch_size: int = 32
     """Sequences per step."""
     lr: float = 3e-3

@@ -248,7 +248,7 @@ def write_code(item: ToyItem) -> str:
     """The code solution of `item` (without the code prefix), its output block filled by running it."""
     response = code_response(FAMILIES[item.family].code(item))
     if not response.endswith(f"\\boxed{{{item.answer}}}."):
-        raise AssertionError(f"code writer for {item.family!r} disagrees with the answer {item.answer}: {response!r}")
+        raise RuntimeError(f"code writer for {item.family!r} disagrees with the answer {item.answer}: {response!r}")
     return response
 
 
