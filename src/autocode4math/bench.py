@@ -9,19 +9,27 @@ loops over fractions.Fraction), each run twice in the same process and run:
 Latency is submit-to-result of one execution (for the pool it includes forking the session); throughput
 is executions per wall-clock second over the batch. Snippets vary their numbers so no cache serves them.
 Deliberately simplified: one pass per batch (run the command several times; the CPU may be shared).
+
+Rollout and M-step benchmarks (`bench_rollout`, `bench_train`) on random-weight models of real architectures:
+what they measure, their assumptions and the formulas of their bounds are in docs/performance.md.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
+from autocode4math.perf import arch_tokenizer, random_model
 from autocode4math.sandbox import SandboxConfig, SandboxPool
 
 # The reference worker: read one JSON line (code), exec it, answer one JSON line. Written for this benchmark.
@@ -146,3 +154,424 @@ def print_sandbox_table(figures: dict[str, dict[str, float]], layers: list[str])
     console = Console()
     console.print(table)
     console.print("isolation layers active: " + ", ".join(layers))
+
+
+# --- rollout and M-step throughput on random-weight models of real architectures (see docs/performance.md) ---
+
+
+def bench_problems(tokenizer: Any, n: int, prompt_tokens: int) -> list[Any]:
+    """n distinct problems whose `auto`-mode prompts are about `prompt_tokens` tokens long.
+
+    Each question is a window of MATH500 question text, cut so that the chat template and the
+    instruction bring the prompt to the requested length (answers are "0": nothing is graded right).
+    """
+    from autocode4math.benchmarks import Problem, load_problems
+    from autocode4math.prompts import build_prompt
+    from autocode4math.rollout.engine import encode, encode_prompt
+
+    overhead = len(encode_prompt(tokenizer, build_prompt("", "auto", tokenizer).text))
+    words = prompt_tokens - overhead
+    if words < 1:
+        raise ValueError(f"prompt_tokens {prompt_tokens} leaves no room for a question (template: {overhead} tokens)")
+    text = encode(tokenizer, "\n".join(p.question for p in load_problems("math500")))
+    problems = []
+    for i in range(n):
+        start = (i * 97) % max(1, len(text) - words)
+        question = tokenizer.decode(text[start : start + words]).strip() or "x"
+        problems.append(Problem(id=f"bench-{i}", question=question, answer="0", benchmark="bench", meta={}))
+    return problems
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _count_new(rows: list[list[int]], eos_ids: set[int]) -> int:
+    """Generated tokens per row up to and including its first EOS, summed."""
+    return sum(next((i + 1 for i, t in enumerate(row) if t in eos_ids), len(row)) for row in rows)
+
+
+def reference_generate(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int) -> dict[str, float]:
+    """Plain `model.generate` (greedy, default cache) on the whole left-padded batch: tokens, seconds, tokens/s."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p) :], attention[row, width - len(p) :] = torch.tensor(p), 1
+    ids, attention = ids.to(model.device), attention.to(model.device)
+    with torch.no_grad():
+        model.generate(input_ids=ids[:, -8:], attention_mask=attention[:, -8:], max_new_tokens=2, do_sample=False,
+                       pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        _sync()
+        start = time.perf_counter()
+        out = model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        _sync()
+    seconds = time.perf_counter() - start
+    tokens = _count_new(out[:, width:].tolist(), {tokenizer.eos_token_id})
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+
+
+class CodeEveryBackend:
+    """Wraps a backend so every trajectory writes a code block after each `every` model tokens, `rounds` times.
+
+    A random-weight model never writes code, so this forces the code rounds the engine exists for: the
+    model generates `every` tokens, the wrapper appends a small ```python block and the stop string, the
+    engine runs it in the sandbox, inserts the output and asks for the next round (re-encoding the context).
+    `model_tokens` counts the tokens the model generated (the appended code is not counted).
+    """
+
+    def __init__(self, inner: Any, every: int, rounds: int) -> None:
+        if every < 1 or rounds < 0:
+            raise ValueError(f"every must be >= 1 and rounds >= 0, got {every}, {rounds}")
+        self.inner, self.every, self.rounds = inner, every, rounds
+        self.tokenizer = inner.tokenizer
+        self.model_tokens = 0
+
+    def generate(self, requests: Sequence[Any], sampling: Any) -> list[Any]:
+        from dataclasses import replace
+
+        from autocode4math.rollout.engine import Generation, encode
+
+        coding = [r.text.count(sampling.stop) < self.rounds for r in requests]
+        asks = [
+            replace(r, max_tokens=min(r.max_tokens, self.every)) if c else r
+            for r, c in zip(requests, coding, strict=True)
+        ]
+        gens = self.inner.generate(asks, sampling)
+        out = []
+        for r, c, g in zip(requests, coding, gens, strict=True):
+            self.model_tokens += len(g.ids)
+            code = f"\n```python\nprint({len(r.ids)} * {len(g.ids) + 1})\n```\n{sampling.stop}"
+            ids = encode(self.tokenizer, code)
+            if c and g.finish == "length" and len(g.ids) + len(ids) <= r.max_tokens:
+                g = Generation(ids=g.ids + ids, text=g.text + code, finish="stop")
+            out.append(g)
+        return out
+
+
+@dataclass
+class RolloutBenchConfig:
+    """What `autocode bench rollout` measures."""
+
+    arch: str = "qwen2.5-0.5b"
+    """A shipped architecture (perf.ARCHS); random weights."""
+    batch: int = 64
+    """Trajectories generated together (the engine's max_active and the HF backend's batch size)."""
+    prompt_tokens: int = 128
+    """Prompt length of every trajectory."""
+    max_new_tokens: int = 512
+    """Token budget of every trajectory."""
+    static_cache: bool = False
+    """Also measure the engine with the HF backend's static KV cache (torch.compile on CUDA)."""
+    code_rounds: int = 0
+    """Also measure a scripted-code variant with this many code blocks per trajectory (0: skip)."""
+    repeats: int = 1
+    """Timed runs of each engine variant; the figure is the last, `first_s` the first (compile included)."""
+    device: str = ""
+    """cuda or cpu; default: cuda when available."""
+
+    def __post_init__(self) -> None:
+        from autocode4math.perf import ARCHS
+
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown arch {self.arch!r}; expected one of {ARCHS}")
+        if min(self.batch, self.prompt_tokens, self.max_new_tokens, self.repeats) < 1 or self.code_rounds < 0:
+            raise ValueError("batch, prompt_tokens, max_new_tokens and repeats must be >= 1, code_rounds >= 0")
+
+
+def _timed_rollouts(backend: Any, problems: list[Any], cfg: RolloutBenchConfig, pool: Any) -> dict[str, float]:
+    """Run the engine `repeats` times on all problems; figures of the last run, `first_s` of the first."""
+    from autocode4math.rollout import RolloutConfig, make_requests, run_rollouts
+
+    config = RolloutConfig(max_new_tokens=cfg.max_new_tokens, max_active=cfg.batch, max_code_rounds=cfg.code_rounds)
+    requests = make_requests(problems, ["auto"], 1)
+    times, records = [], []
+    for _ in range(cfg.repeats):
+        if isinstance(backend, CodeEveryBackend):
+            backend.model_tokens = 0
+        _sync()
+        start = time.perf_counter()
+        records = run_rollouts(backend, requests, config, progress=False, sandbox=pool)
+        _sync()
+        times.append(time.perf_counter() - start)
+    if isinstance(backend, CodeEveryBackend):
+        tokens = backend.model_tokens
+    else:
+        tokens = sum(r["n_generated_tokens"] for r in records)
+    return {
+        "tokens": tokens,
+        "seconds": times[-1],
+        "tokens_per_s": tokens / times[-1],
+        "first_s": times[0],
+        "code_calls": sum(r["n_code_calls"] for r in records),
+        "mean_prompt_tokens": sum(r["n_prompt_tokens"] for r in records) / len(records),
+    }
+
+
+def bench_rollout(cfg: RolloutBenchConfig) -> dict[str, Any]:
+    """Generated tokens/s of tool-integrated rollouts (the real engine, HF backend, sandbox) vs plain generate.
+
+    Variants, in one run on one random-weight model: `reference` (model.generate, default cache, the
+    whole batch at once), `engine` (run_rollouts with HFBackend), `engine_static` (static KV cache) and
+    `engine_code` (CodeEveryBackend forcing `code_rounds` sandbox rounds) when asked for. `bound` is the
+    physical best case for the run (perf.decode_bound) when the GPU is in perf.DEVICES.
+    """
+    import torch
+
+    from autocode4math.perf import load_arch, param_counts
+    from autocode4math.prompts import build_prompt
+    from autocode4math.rollout.engine import encode_prompt
+    from autocode4math.rollout.hf import HFBackend
+    from autocode4math.sandbox import SandboxPool
+
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    tokenizer = arch_tokenizer(cfg.arch)
+    model = random_model(cfg.arch, device=device, dtype=dtype).eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    problems = bench_problems(tokenizer, cfg.batch, cfg.prompt_tokens)
+    prompts = [encode_prompt(tokenizer, build_prompt(p.question, "auto", tokenizer).text) for p in problems]
+    out: dict[str, Any] = {
+        "config": asdict(cfg),
+        "device": device,
+        "params": param_counts(load_arch(cfg.arch))["total"],
+    }
+    out["device_name"] = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    out["reference"] = reference_generate(model, tokenizer, prompts, cfg.max_new_tokens)
+    with SandboxPool() as pool:
+        backend = HFBackend(model, tokenizer, device=device, batch_size=cfg.batch)
+        out["engine"] = _timed_rollouts(backend, problems, cfg, pool)
+        if cfg.static_cache:
+            static = HFBackend(model, tokenizer, device=device, batch_size=cfg.batch, cache_implementation="static")
+            out["engine_static"] = _timed_rollouts(static, problems, cfg, pool)
+        if cfg.code_rounds:
+            every = max(1, cfg.max_new_tokens // (cfg.code_rounds + 1))
+            out["engine_code"] = _timed_rollouts(CodeEveryBackend(backend, every, cfg.code_rounds), problems, cfg, pool)
+    ref = out["reference"]["tokens_per_s"]
+    for name in ("engine", "engine_static", "engine_code"):
+        if name in out:
+            out[name]["speedup_vs_reference"] = out[name]["tokens_per_s"] / ref
+    out["bound"] = rollout_bound(cfg, out["device_name"])
+    return out
+
+
+def rollout_bound(cfg: RolloutBenchConfig, device_name: str) -> dict[str, Any] | None:
+    """perf.decode_bound for the run on the GPU named `device_name` (None when it is not in perf.DEVICES)."""
+    from autocode4math.perf import decode_bound, detect_device, load_arch
+
+    gpu = detect_device(device_name)
+    if gpu is None:
+        return None
+    bound = decode_bound(load_arch(cfg.arch), gpu, cfg.batch, cfg.prompt_tokens, cfg.max_new_tokens)
+    return {**bound, "device": gpu.name, "source": gpu.source}
+
+
+@dataclass
+class TrainBenchConfig:
+    """What `autocode bench train` measures."""
+
+    arch: str = "qwen2.5-0.5b"
+    """A shipped architecture (perf.ARCHS); random weights."""
+    seq_len: int = 2048
+    """Longest trajectory (prompt + response) in tokens; lengths below it follow `synthetic_samples`."""
+    micro_batch_size: int = 4
+    """Trajectories per forward pass."""
+    steps: int = 8
+    """Timed optimizer steps (after `warmup` untimed ones)."""
+    warmup: int = 2
+    """Untimed steps first (allocator, cuBLAS autotuning)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass."""
+    lora_r: int = 0
+    """LoRA rank (0: full fine-tuning)."""
+    bucket_window: int = 16
+    """mstep's length-bucketing window (1: no bucketing)."""
+    device: str = ""
+    """cuda or cpu; default: cuda when available."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from autocode4math.perf import ARCHS
+
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown arch {self.arch!r}; expected one of {ARCHS}")
+        if min(self.micro_batch_size, self.steps, self.bucket_window) < 1 or self.warmup < 0 or self.lora_r < 0:
+            raise ValueError("micro_batch_size, steps, bucket_window must be >= 1; warmup, lora_r >= 0")
+        if self.seq_len < 64:
+            raise ValueError(f"seq_len must be >= 64, got {self.seq_len}")
+
+
+def synthetic_samples(n: int, seq_len: int, vocab: int, seed: int = 0) -> list[Any]:
+    """n M-step samples with rollout-like lengths: what an E-step train.jsonl holds, with random tokens.
+
+    Assumed distribution (stated, not measured): prompts uniform in [64, 256) tokens (less below seq_len 512); responses
+    log-normal around 500 tokens (sigma 0.7), and 10% of trajectories hit the budget (length finish),
+    all capped at seq_len; 40% used code, with two 24-token tool outputs (mask 0); a 12-token decision
+    prefix after the prompt for 80% of them.
+    """
+    from autocode4math.mstep import Sample
+
+    rng = random.Random(seed)
+    out = []
+    for k in range(n):
+        prompt = rng.randrange(min(64, seq_len // 4), max(min(64, seq_len // 4) + 1, min(256, seq_len // 2)))
+        room = seq_len - prompt
+        response = room if rng.random() < 0.1 else max(16, min(room, int(rng.lognormvariate(6.2, 0.7))))
+        ids = [rng.randrange(3, vocab) for _ in range(prompt + response)]
+        mask = [1] * response
+        used_code = rng.random() < 0.4 and response > 120
+        if used_code:
+            for start in (response // 3, 2 * response // 3):
+                mask[start : start + 24] = [0] * 24
+        n_dec = 12 if rng.random() < 0.8 else 0
+        decision = ids[:prompt] + [rng.randrange(3, vocab) for _ in range(n_dec)] if n_dec else []
+        adv = rng.choice((-1.0, 1.0))
+        out.append(Sample(ids=ids, start=prompt, mask=mask, advantage=adv, c=int(used_code), decision=decision,
+                          n_decision=n_dec, correct=False, used_code=used_code, key=str(k)))  # fmt: skip
+    return out
+
+
+def _sequence_flops(a: Any, length: int) -> float:
+    """Model FLOPs (forward + backward) of one causal sequence of `length` tokens."""
+    from autocode4math.perf import attention_flops_per_token, matmul_flops_per_token
+
+    return 3.0 * (matmul_flops_per_token(a) * length + attention_flops_per_token(a, 1.0) * length * (length + 1) / 2)
+
+
+def bench_train(cfg: TrainBenchConfig) -> dict[str, Any]:
+    """M-step tokens/s, MFU and peak memory: mstep's collate + batch_loss + AdamW under accelerate (bf16 on GPU).
+
+    Tokens are the real (unpadded) tokens of the trajectory and decision rows; `padding_share` is the
+    share of computed positions that were padding. MFU counts model FLOPs of the real tokens only.
+    """
+    import torch
+    from accelerate import Accelerator
+
+    from autocode4math.mstep import MStepConfig, _adapt, batch_loss, collate, micro_batches
+    from autocode4math.perf import detect_device, load_arch, train_memory_estimate
+
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    accelerator = Accelerator(mixed_precision="bf16" if device == "cuda" else "no", cpu=device == "cpu")
+    mcfg = MStepConfig(micro_batch_size=cfg.micro_batch_size, gradient_checkpointing=cfg.gradient_checkpointing,
+                       lora_r=cfg.lora_r, bucket_window=cfg.bucket_window, seed=cfg.seed)  # fmt: skip
+    arch = load_arch(cfg.arch)
+    model = _adapt(random_model(cfg.arch, device=device, seed=cfg.seed), mcfg)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    n_batches = cfg.warmup + cfg.steps
+    samples = synthetic_samples(n_batches * cfg.micro_batch_size, cfg.seq_len, min(arch.vocab_size, 150_000), cfg.seed)
+    plan = micro_batches(samples, cfg.micro_batch_size, cfg.bucket_window, cfg.seed, 0)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    tokens = padded = 0
+    flops, seconds = 0.0, 0.0
+    for k, idx in enumerate(plan):
+        batch = collate([samples[i] for i in idx], 0, [[0.0] * len(samples[i].mask) for i in idx])
+        batch = {name: v.to(accelerator.device) for name, v in batch.items()}
+        _sync()
+        start = time.perf_counter()
+        loss, _ = batch_loss(model, batch, mcfg)
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync()
+        if k >= cfg.warmup:
+            seconds += time.perf_counter() - start
+            rows = [len(samples[i].ids) for i in idx] + [len(samples[i].decision) for i in idx if samples[i].decision]
+            tokens += sum(rows)
+            flops += sum(_sequence_flops(arch, n) for n in rows)
+            padded += batch["input_ids"].numel() + batch["dec_input_ids"].numel()
+    out: dict[str, Any] = {"config": asdict(cfg), "device": device, "tokens": tokens, "seconds": seconds}
+    out.update(
+        tokens_per_s=tokens / seconds, padding_share=1 - tokens / padded, model_tflops_per_s=flops / seconds / 1e12
+    )
+    out["device_name"] = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    gpu = detect_device(out["device_name"]) if device == "cuda" else None
+    out["mfu"] = flops / seconds / gpu.bf16_flops if gpu else None
+    out["peak_memory_bytes"] = torch.cuda.max_memory_allocated() if device == "cuda" else None
+    estimate = train_memory_estimate(arch, cfg.seq_len, cfg.micro_batch_size, lora_r=cfg.lora_r,
+                                     gradient_checkpointing=cfg.gradient_checkpointing)  # fmt: skip
+    out["memory_estimate_bytes"] = estimate
+    return out
+
+
+def _fmt_bound(bound: dict | None) -> str:
+    return f"{bound['tokens_per_s']:,.0f}" if bound else "n/a (CPU or GPU not in perf.DEVICES)"
+
+
+def print_rollout_table(result: dict[str, Any]) -> None:
+    """A rich table: generated tokens/s per variant, speed-up over plain generate, and the physical bound."""
+    from rich.console import Console
+    from rich.table import Table
+
+    c = result["config"]
+    title = f"Rollout throughput: {c['arch']} (random weights), batch {c['batch']}, {c['prompt_tokens']} prompt + "
+    table = Table(title=title + f"{c['max_new_tokens']} new tokens on {result['device_name']}")
+    for col in ("variant", "tokens", "seconds", "tokens/s", "vs reference", "first run s"):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    names = {
+        "reference": "model.generate (default cache)",
+        "engine": "engine + HF backend",
+        "engine_static": "engine + HF backend, static cache",
+        "engine_code": f"engine, {c['code_rounds']} scripted code rounds",
+    }
+    for key, label in names.items():
+        if key in result:
+            r = result[key]
+            speed = f"{r.get('speedup_vs_reference', 1.0):.2f}x"
+            first = f"{r['first_s']:.1f}" if "first_s" in r else ""
+            table.add_row(label, str(r["tokens"]), f"{r['seconds']:.2f}", f"{r['tokens_per_s']:,.0f}", speed, first)
+    console = Console()
+    console.print(table)
+    bound = result["bound"]
+    console.print(f"physical bound (weights + KV bytes / bandwidth, FLOPs / peak): {_fmt_bound(bound)} tokens/s")
+    if bound:
+        console.print(f"  {bound['device']}: {100 * bound['memory_bound_share']:.0f}% of steps memory-bound; "
+                      f"peaks from {bound['source']}")  # fmt: skip
+
+
+def print_train_table(result: dict[str, Any]) -> None:
+    """One line per figure: tokens/s, MFU, padding, peak memory measured and estimated."""
+    c, gib = result["config"], 2**30
+    est = result["memory_estimate_bytes"]
+    lines = [
+        f"M-step on {c['arch']} (random weights), seq_len {c['seq_len']}, micro-batch {c['micro_batch_size']}, "
+        f"checkpointing {c['gradient_checkpointing']}, lora_r {c['lora_r']}, on {result['device_name']}",
+        f"  tokens/s (real tokens): {result['tokens_per_s']:,.0f} over {result['tokens']} tokens in "
+        f"{result['seconds']:.2f} s; padding share {100 * result['padding_share']:.1f}%",
+        f"  model TFLOP/s: {result['model_tflops_per_s']:.2f}; MFU: "
+        + (f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "n/a (CPU or GPU not in perf.DEVICES)"),
+        "  peak memory measured: "
+        + (f"{result['peak_memory_bytes'] / gib:.1f} GiB" if result["peak_memory_bytes"] is not None else "n/a (CPU)")
+        + f"; ESTIMATE {est['total'] / gib:.1f} GiB (states {est['states'] / gib:.1f}, activations "
+        f"{est['activations'] / gib:.1f}, logits {est['logits'] / gib:.1f})",
+    ]
+    for line in lines:
+        print(line)
+
+
+def train_stage_seconds(run_dir: str | Path, started: float) -> dict[str, float]:
+    """Wall-clock seconds of each finished stage of an `autocode train` run, in the order they finished.
+
+    em.py records which stages finished (state.json) but not when, so a stage's end is the newest
+    modification time of the files in its directory; its duration is the gap to the previous stage's
+    end (the first stage's to `started`, a time.time() taken just before the run).
+    """
+    run = Path(run_dir)
+    ends = []
+    for stage_dir in sorted(p for p in run.glob("iter-*/*") if p.is_dir()):
+        files = [f.stat().st_mtime for f in stage_dir.rglob("*") if f.is_file()]
+        if files:
+            ends.append((max(files), f"{stage_dir.parent.name}/{stage_dir.name}"))
+    out, last = {}, started
+    for end, name in sorted(ends):
+        out[name] = end - last
+        last = end
+    return out

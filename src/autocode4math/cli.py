@@ -302,5 +302,63 @@ def demo_cmd(
         typer.echo(f"  {name}: {'met' if t['met'] else 'NOT met'}")
 
 
+# --- performance (bench rollout, bench train) ---
+
+
+@bench_app.command("rollout")
+def bench_rollout_cmd(
+    arch: str = typer.Option("qwen2.5-0.5b", help="qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-7b or tiny (random weights)."),
+    batch: int = typer.Option(64, help="Trajectories generated together."),
+    prompt_tokens: int = typer.Option(128, help="Prompt length in tokens."),
+    max_new_tokens: int = typer.Option(512, help="Token budget of each trajectory."),
+    static_cache: bool = typer.Option(False, "--static-cache", help="Also measure the static KV cache (+ compile)."),
+    code_rounds: int = typer.Option(0, help="Also measure N scripted code rounds per trajectory (0: skip)."),
+    repeats: int = typer.Option(1, help="Timed runs per engine variant (the last is reported)."),
+    device: str = typer.Option("", help="cuda or cpu (default: cuda when available)."),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable JSON object as the last line."),
+) -> None:
+    """Tool-integrated rollout tokens/s (engine + HF backend + sandbox) vs plain model.generate, with the bound."""
+    import json
+
+    from autocode4math.bench import RolloutBenchConfig, bench_rollout, print_rollout_table
+
+    try:
+        cfg = RolloutBenchConfig(arch, batch, prompt_tokens, max_new_tokens, static_cache, code_rounds, repeats, device)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    result = bench_rollout(cfg)
+    print_rollout_table(result)
+    if as_json:
+        typer.echo(json.dumps(result))
+
+
+@bench_app.command("train")
+def bench_train_cmd(
+    arch: str = typer.Option("qwen2.5-0.5b", help="qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-7b or tiny (random weights)."),
+    seq_len: int = typer.Option(2048, help="Longest trajectory in tokens (rollout-like lengths below it)."),
+    micro_batch_size: int = typer.Option(4, help="Trajectories per forward pass."),
+    steps: int = typer.Option(8, help="Timed optimizer steps."),
+    warmup: int = typer.Option(2, help="Untimed steps first."),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Recompute activations."),
+    lora_r: int = typer.Option(0, help="LoRA rank (0: full fine-tuning)."),
+    device: str = typer.Option("", help="cuda or cpu (default: cuda when available)."),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable JSON object as the last line."),
+) -> None:
+    """M-step tokens/s, MFU and peak GPU memory (mstep.py's loss and batching, bf16 on GPU, AdamW)."""
+    import json
+
+    from autocode4math.bench import TrainBenchConfig, bench_train, print_train_table
+
+    try:
+        cfg = TrainBenchConfig(arch, seq_len, micro_batch_size, steps, warmup, gradient_checkpointing, lora_r,
+                               device=device)  # fmt: skip
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    result = bench_train(cfg)
+    print_train_table(result)
+    if as_json:
+        typer.echo(json.dumps(result))
+
+
 if __name__ == "__main__":  # `accelerate launch -m autocode4math.cli mstep ...`
     app()

@@ -18,11 +18,18 @@ Counting conventions (stated, because published MFU figures differ in them):
 Deliberately simplified: memory figures for training are estimates from a per-token activation model
 (`train_memory_estimate`, constants explained there), not measurements; the measured peak comes from
 `torch.cuda.max_memory_allocated` in `autocode bench train`.
+
+The architectures ship as config.json files (no weights) in presets/models/; `random_model` builds one
+with random weights and `bench_tokenizer` trains a byte-level BPE of Qwen2.5's vocabulary size on local
+text (cached), so benchmarks run at real size with nothing downloaded.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -185,8 +192,12 @@ _H100 = "NVIDIA H100 Tensor Core GPU datasheet (nvidia.com/en-us/data-center/h10
 DEVICES = {
     "h100-sxm": Device("NVIDIA H100 SXM 80GB", 989.4e12, 3.35e12, 80e9, _H100),
     "h100-pcie": Device("NVIDIA H100 PCIe 80GB", 756.0e12, 2.0e12, 80e9, _H100),
-    "h200": Device("NVIDIA H200 SXM 141GB", 989.4e12, 4.8e12, 141e9, "NVIDIA H200 datasheet (nvidia.com/en-us/data-center/h200)"),
-    "a100-80gb": Device("NVIDIA A100 SXM 80GB", 312e12, 2.039e12, 80e9, "NVIDIA A100 datasheet (nvidia.com/en-us/data-center/a100)"),
+    "h200": Device(
+        "NVIDIA H200 SXM 141GB", 989.4e12, 4.8e12, 141e9, "NVIDIA H200 datasheet (nvidia.com/en-us/data-center/h200)"
+    ),
+    "a100-80gb": Device(
+        "NVIDIA A100 SXM 80GB", 312e12, 2.039e12, 80e9, "NVIDIA A100 datasheet (nvidia.com/en-us/data-center/a100)"
+    ),
 }
 
 
@@ -216,7 +227,9 @@ def decode_bound(
     time), the time split, and `memory_bound_share` (steps where bytes, not FLOPs, set the time).
     """
     if min(batch, new_tokens) < 1 or prompt_tokens < 0:
-        raise ValueError(f"batch and new_tokens must be >= 1 and prompt_tokens >= 0, got {batch, new_tokens, prompt_tokens}")
+        raise ValueError(
+            f"batch and new_tokens must be >= 1 and prompt_tokens >= 0, got {batch, new_tokens, prompt_tokens}"
+        )
     weights, kv = decode_weight_bytes(a, dtype_bytes), kv_bytes_per_token(a, dtype_bytes)
     prefill = batch * prompt_tokens * forward_flops_per_token(a, (prompt_tokens + 1) / 2) / device.bf16_flops
     total, memory_steps = prefill, 0
@@ -280,10 +293,7 @@ def train_memory_estimate(
     if min(seq_len, micro_batch, shards) < 1 or lora_r < 0:
         raise ValueError("seq_len, micro_batch and shards must be >= 1, lora_r >= 0")
     n = param_counts(a)["total"]
-    if lora_r:
-        states = 4.0 * n + 16.0 * lora_params(a, lora_r)
-    else:
-        states = 16.0 * n / shards
+    states = 4.0 * n + 16.0 * lora_params(a, lora_r) if lora_r else 16.0 * n / shards
     tokens = seq_len * micro_batch
     per_layer = 34 * a.hidden_size + 10 * a.kv_dim + 8 * a.intermediate_size
     if gradient_checkpointing:
@@ -292,3 +302,135 @@ def train_memory_estimate(
         activations = float(tokens * per_layer * a.num_layers)
     logits = 12.0 * a.vocab_size * tokens
     return {"states": states, "activations": activations, "logits": logits, "total": states + activations + logits}
+
+
+# --- random-weight models of these architectures and a Qwen-sized tokenizer, for the benchmarks ---
+
+CACHE_ENV = "AUTOCODE4MATH_CACHE"
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# Qwen2's pre-tokenizer split (the pattern its tokenizer.json specifies): words with an optional leading mark,
+# single digits, punctuation runs, newlines and spaces kept apart (digits one by one matter for math).
+SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN_TOKENIZER_SIZE = 151_646
+"""Qwen2.5's 151,643 byte-level BPE tokens plus the three special tokens used here (the model's
+embedding has 151,936 rows, as in the real model: the rows past the tokenizer are never produced by it)."""
+CORPUS_PACKAGES = ("sympy", "transformers", "torch", "numpy")
+
+
+def cache_dir() -> Path:
+    """$AUTOCODE4MATH_CACHE, else ~/.cache/autocode4math."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "autocode4math")
+
+
+def _corpus(limit_chars: int) -> Iterator[str]:
+    """Local text: the shipped benchmark questions, then the Python sources of installed packages, sorted."""
+    import importlib.util
+
+    from autocode4math.benchmarks import load_problems
+
+    n = 0
+    for name in ("gsm8k", "math500", "aime24", "amc23"):
+        text = "\n".join(p.question for p in load_problems(name))
+        n += len(text)
+        yield text
+    for package in CORPUS_PACKAGES:
+        spec = importlib.util.find_spec(package)
+        for root in (spec.submodule_search_locations or []) if spec else []:
+            for path in sorted(Path(root).rglob("*.py")):
+                if n >= limit_chars:
+                    return
+                text = path.read_text(encoding="utf-8", errors="ignore")
+                n += len(text)
+                yield text
+
+
+def bench_tokenizer(vocab_size: int = QWEN_TOKENIZER_SIZE, cache: Path | None = None) -> Any:
+    """A byte-level BPE tokenizer of exactly `vocab_size` tokens (incl. SPECIAL_TOKENS), with a ChatML template.
+
+    Trained on local text (`_corpus`: about 600 characters per token wanted, e.g. ~90 MB and ~40 s for the
+    Qwen size) on first use and cached under cache_dir()/tokenizers/bpe-<size>. If the machine's text
+    runs out before `vocab_size`, the rest is padded with `<|reserved_k|>` special tokens (`n_reserved` in
+    the saved MADE_BY.json says how many). The vocabulary differs between machines; its size does not.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size < 300:
+        raise ValueError(f"vocab_size must be >= 300 (256 bytes + specials + merges), got {vocab_size}")
+    target = (cache or cache_dir() / "tokenizers") / f"bpe-{vocab_size}"
+    if not (target / "tokenizer.json").exists():
+        _train_tokenizer(vocab_size, target)
+    return PreTrainedTokenizerFast.from_pretrained(target)
+
+
+def _train_tokenizer(vocab_size: int, target: Path) -> None:
+    import shutil
+    import tempfile
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    split = pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated")
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), initial_alphabet=alphabet, show_progress=False
+    )
+    start = time.perf_counter()
+    tok.train_from_iterator(_corpus(600 * vocab_size), trainer=trainer)
+    reserved = [f"<|reserved_{k}|>" for k in range(vocab_size - tok.get_vocab_size())]
+    tok.add_special_tokens(reserved)
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    wrapped.chat_template = CHATML
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent))
+    wrapped.save_pretrained(tmp)
+    made_by = {"vocab_size": len(wrapped), "n_reserved": len(reserved), "seconds": time.perf_counter() - start}
+    (tmp / "MADE_BY.json").write_text(json.dumps({**made_by, "corpus_packages": CORPUS_PACKAGES}) + "\n")
+    if target.exists():  # another process finished first
+        shutil.rmtree(tmp)
+        return
+    tmp.rename(target)
+
+
+def random_model(arch: str, *, device: str = "cpu", dtype: Any = None, seed: int = 0) -> Any:
+    """A Qwen2ForCausalLM of shipped architecture `arch` with random weights, built directly on `device`."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    config = Qwen2Config(**{k: v for k, v in arch_config(arch).items() if k not in ("architectures", "torch_dtype")})
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+    return model
+
+
+def arch_tokenizer(arch: str, cache: Path | None = None) -> Any:
+    """The tokenizer a benchmark uses with `arch`: a small one for `tiny`, the Qwen-sized one otherwise."""
+    size = QWEN_TOKENIZER_SIZE if arch != "tiny" else int(arch_config("tiny")["vocab_size"])
+    return bench_tokenizer(size, cache)
+
+
+def save_random_checkpoint(arch: str, out_dir: str | Path, *, dtype: Any = None, seed: int = 0) -> Path:
+    """Write a random-weight checkpoint of `arch` with its benchmark tokenizer, loadable by `from_pretrained`.
+
+    For plumbing runs at real size (`autocode train --model DIR`): the weights are random, so accuracy
+    figures from it mean nothing; memory, throughput and wall-clock do.
+    """
+    tokenizer = arch_tokenizer(arch)
+    model = random_model(arch, dtype=dtype, seed=seed)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

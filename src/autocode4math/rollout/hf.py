@@ -23,6 +23,9 @@ class HFBackend:
 
     `model` is a path / hub id or an already loaded model (then `tokenizer` is required).
     bf16 on GPU, float32 on CPU unless `dtype` says otherwise.
+    `cache_implementation` is passed to `generate` (None: transformers' default dynamic cache); "static"
+    preallocates the KV cache, and on CUDA transformers then compiles the decoding step with torch.compile
+    (the cache keeps the longest length seen, so only a new batch size recompiles; see docs/performance.md).
     """
 
     def __init__(
@@ -33,6 +36,7 @@ class HFBackend:
         device: str | None = None,
         dtype: str | None = None,
         batch_size: int = 16,
+        cache_implementation: str | None = None,
     ) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -51,6 +55,7 @@ class HFBackend:
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.cache_implementation = cache_implementation
         eos = self.model.generation_config.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         if tokenizer.eos_token_id is not None:
@@ -77,6 +82,8 @@ class HFBackend:
         if sampling.temperature > 0:
             torch.manual_seed(requests[0].seed)
             kwargs = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p}
+        if self.cache_implementation is not None:
+            kwargs["cache_implementation"] = self.cache_implementation
         with torch.no_grad():
             sequences = self.model.generate(
                 input_ids=ids.to(self.device),
