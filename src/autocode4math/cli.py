@@ -23,6 +23,16 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(toy_app, name="toy")
 
 
+def _config(cls: type, path: str, overrides: list[str]):
+    """load_config for a command: a bad preset or override is a usage error naming the problem."""
+    from autocode4math.config import ConfigError, load_config
+
+    try:
+        return load_config(cls, path or None, overrides)
+    except (ConfigError, OSError) as e:
+        raise typer.BadParameter(str(e)) from None
+
+
 @app.command()
 def version() -> None:
     """Print the package version."""
@@ -195,14 +205,10 @@ def toy_pretrain(
     ),
 ) -> None:
     """Train a toy checkpoint (tiny Qwen2 + BPE tokenizer) on CPU, printing progress."""
-    from autocode4math.config import ConfigError, load_config
     from autocode4math.toymodel import PretrainConfig, pretrain
 
     extra = [f"stage={stage}", f"seed={seed}"] + ([f"out_dir={out_dir}"] if out_dir else [])
-    try:
-        cfg = load_config(PretrainConfig, config or None, [*overrides, *extra])
-    except (ConfigError, OSError) as e:
-        raise typer.BadParameter(str(e)) from None
+    cfg = _config(PretrainConfig, config, [*overrides, *extra])
     pretrain(cfg, log=lambda line: typer.echo(line))
 
 
@@ -244,13 +250,9 @@ def mstep(
     overrides: list[str] = typer.Option([], "--set", help="Dotted overrides, e.g. --set lr=1e-5 --set lora_r=16."),
 ) -> None:
     """M-step: clipped off-policy RL + decision cross-entropy; `accelerate launch -m autocode4math.cli mstep ...`."""
-    from autocode4math.config import ConfigError, load_config
     from autocode4math.mstep import MStepConfig, run_mstep
 
-    try:
-        cfg = load_config(MStepConfig, config or None, overrides)
-    except (ConfigError, OSError) as e:
-        raise typer.BadParameter(str(e)) from None
+    cfg = _config(MStepConfig, config, overrides)
     typer.echo(str(run_mstep(model, data, cfg, out)))
 
 
@@ -267,15 +269,11 @@ def train_cmd(
     ),
 ) -> None:
     """The EM loop (or a baseline): collect data, update the policy, evaluate on dev; resumable by stage."""
-    from autocode4math.config import ConfigError, load_config
     from autocode4math.em import TrainConfig, train
 
     given = {"method": method, "model": model, "queries": queries, "out": out, "iterations": iterations}
     extra = [f"{k}={v}" for k, v in given.items() if v not in ("", None)]
-    try:
-        cfg = load_config(TrainConfig, config or None, [*overrides, *extra])
-    except (ConfigError, OSError) as e:
-        raise typer.BadParameter(str(e)) from None
+    cfg = _config(TrainConfig, config, [*overrides, *extra])
     rows = train(cfg)
     last = rows[-1] if rows else {}
     typer.echo(f"done: {cfg.out} (final dev auto accuracy {last.get('auto_accuracy')})")
