@@ -3,7 +3,7 @@
 This is a designed testbed, not a benchmark of mathematical ability. Its three families are built so
 that a ~2M-parameter model shows the phenomena of the paper on a CPU in minutes:
 
-- `arith`  (short sums and differences of two-digit numbers): the tiny model can do these in its
+- `arith`  (short sums and differences of one-digit numbers): the tiny model can do these in its
   head and with code; neither mode should win.
 - `mul`    (multi-digit multiplication in a one-line story): the chain of thought needs partial
   products and a multi-term sum with carries, beyond the tiny model's arithmetic; the program is
@@ -84,11 +84,11 @@ def _answer(n: int) -> str:
 
 
 def _gen_arith(rng: random.Random, difficulty: int) -> ToyItem:
-    terms = [rng.randint(10, 60)]
+    terms = [rng.randint(2, 9)]
     ops: list[str] = []
     value = terms[0]
-    for _ in range(difficulty):
-        n = rng.randint(10, 60)
+    for _ in range(difficulty + 1):
+        n = rng.randint(1, 9)
         op = "-" if n <= value and rng.random() < 0.5 else "+"
         value = value + n if op == "+" else value - n
         terms.append(n)
