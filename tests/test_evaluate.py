@@ -156,3 +156,22 @@ def test_cli_rejects_bad_options(tmp_path):
     result = CliRunner().invoke(app, ["eval", "--model", "m", "--modes", "magic", "--out", str(tmp_path)])
     assert result.exit_code != 0
     assert "modes" in result.output
+
+
+def test_breakdown_by_a_meta_key(tmp_path, tiny_tokenizer, pool):
+    rows = [
+        {"id": f"q{a}", "question": f"What is {a} plus 10?", "answer": str(a + 10), "family": "odd" if a % 2 else "even"}
+        for a in range(4)
+    ]
+    path = tmp_path / "fam.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = EvalConfig(model="scripted", benchmarks=[], benchmark_files=[str(path)], out=str(tmp_path / "run"))
+    metrics = run_eval(cfg, backend=ScriptedBackend(tiny_tokenizer, responder), sandbox=pool, progress=False)
+    table = metrics["breakdown"]["fam"]["family"]
+    assert table["even"]["auto_accuracy"] == 1.0 and table["even"]["selection_accuracy"] is None
+    # odd: cot always wrong, code right; auto uses code on q1 (right) and not on q3 (wrong)
+    assert table["odd"]["cot_accuracy"] == 0.0 and table["odd"]["code_accuracy"] == 1.0
+    assert table["odd"]["auto_accuracy"] == 0.5 and table["odd"]["selection_accuracy"] == 0.5
+    assert table["odd"]["n_questions"] == 2 and table["odd"]["union"] == 1.0
+    assert "### fam by family" in (tmp_path / "run" / "report.md").read_text()
+    assert "subject" not in metrics["breakdown"]["fam"]

@@ -137,6 +137,28 @@ def all_metrics(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
     return {b: benchmark_metrics(rs) for b, rs in sorted(by_bench.items())}
 
 
+def breakdown(records: Sequence[dict[str, Any]], labels: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per group (`labels`: question id -> group, e.g. a MATH subject or a toy family): the compact analysis.
+
+    Each group gets n_questions, accuracy and code-use rate per mode, the union bound and selection
+    accuracy (when all three modes are present). Records of questions without a label are left out.
+    """
+    by_group: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        if str(r["id"]) in labels:
+            by_group[str(labels[str(r["id"])])].append(r)
+    out = {}
+    for group, rows in sorted(by_group.items()):
+        m = benchmark_metrics(rows)
+        row: dict[str, Any] = {"n_questions": len({str(r["id"]) for r in rows})}
+        for mode, v in m["modes"].items():
+            row[f"{mode}_accuracy"], row[f"{mode}_code_use_rate"] = v["accuracy"], v["code_use_rate"]
+        row["union"] = m.get("union")
+        row["selection_accuracy"] = (m.get("selection") or {}).get("selection_accuracy")
+        out[group] = row
+    return out
+
+
 def plot_benchmark(name: str, metrics: dict[str, Any], path: str | Path) -> Path:
     """Bar chart: accuracy of auto, cot, code (with 95% intervals) and the union bound."""
     import matplotlib

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from autocode4math.analysis import CI_METHOD, all_metrics, plot_benchmark
+from autocode4math.analysis import CI_METHOD, all_metrics, breakdown, plot_benchmark
 from autocode4math.config import save_config, to_dict
 from autocode4math.io import JsonlAppender, read_done, write_json
 from autocode4math.prompts import MODES, PromptConfig
@@ -67,9 +67,13 @@ class EvalConfig:
     """openai backend: the server's /v1 URL."""
     concurrency: int = 16
     """openai backend: requests in flight."""
+    group_by: list[str] = field(default_factory=lambda: ["family", "subject", "level"])
+    """Problem meta keys to break the analysis down by, where a benchmark has them (toy family, MATH subject)."""
     prompt: PromptConfig = field(default_factory=PromptConfig)
 
     def __post_init__(self) -> None:
+        if isinstance(self.group_by, str):
+            self.group_by = [k for k in self.group_by.split(",") if k]
         if isinstance(self.benchmarks, str):
             self.benchmarks = [b for b in self.benchmarks.split(",") if b]
         if isinstance(self.modes, str):
@@ -128,6 +132,7 @@ RESUMABLE_CHANGES = (
     "concurrency",
     "base_url",
     "backend",
+    "group_by",
 )
 """Fields that may differ when resuming; any other change would mix samples of two settings."""
 
@@ -178,7 +183,18 @@ def run_eval(config: EvalConfig, *, backend: Any = None, sandbox: Any = None, pr
     if any(todo for _, _, todo in plan):
         _generate(plan, config, backend, sandbox, samples, progress)
     records = [r for r in read_done(samples) if _key(r) in wanted]
-    return write_outputs(records, config, out, {b: sampling_for(b, config) for b in groups})
+    labels = group_labels(groups, config.group_by)
+    return write_outputs(records, config, out, {b: sampling_for(b, config) for b in groups}, labels)
+
+
+def group_labels(groups: dict[str, list[Any]], keys: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
+    """{benchmark: {meta key: {question id: value}}} for each key that every problem of the benchmark has."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for bench, problems in groups.items():
+        for key in keys:
+            if problems and all(key in p.meta for p in problems):
+                out.setdefault(bench, {})[key] = {str(p.id): p.meta[key] for p in problems}
+    return out
 
 
 def _generate(plan, config: EvalConfig, backend: Any, sandbox: Any, samples: Path, progress: bool) -> None:
@@ -207,7 +223,11 @@ def _generate(plan, config: EvalConfig, backend: Any, sandbox: Any, samples: Pat
 
 
 def write_outputs(
-    records: list[dict[str, Any]], config: EvalConfig, out: Path, sampling: dict[str, tuple[int, float]]
+    records: list[dict[str, Any]],
+    config: EvalConfig,
+    out: Path,
+    sampling: dict[str, tuple[int, float]],
+    labels: dict[str, dict[str, dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """metrics.json, report.md, one PNG per benchmark, and the table on the terminal."""
     benchmarks = all_metrics(records)
@@ -216,6 +236,10 @@ def write_outputs(
         "ci_method": CI_METHOD,
         "sampling": {b: {"n": n, "temperature": t} for b, (n, t) in sampling.items()},
         "benchmarks": benchmarks,
+        "breakdown": {
+            bench: {key: breakdown([r for r in records if str(r["benchmark"]) == bench], ids) for key, ids in by.items()}
+            for bench, by in (labels or {}).items()
+        },
     }
     write_json(out / "metrics.json", metrics)
     for bench, m in benchmarks.items():
@@ -272,6 +296,8 @@ def render_report(metrics: dict[str, Any]) -> str:
         summary = _summary(m)
         lines += ["", summary, ""] if summary else [""]
         lines += [f"![{bench}](plots/{bench}.png)", ""]
+        for key, table in metrics.get("breakdown", {}).get(bench, {}).items():
+            lines += [f"### {bench} by {key}", "", *breakdown_table(table), ""]
     lines += [
         "## Definitions",
         "",
@@ -285,6 +311,20 @@ def render_report(metrics: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+BREAKDOWN_HEADER = ["group", "questions", "auto %", "cot %", "code %", "union %", "auto code %", "selection %"]
+
+
+def breakdown_table(table: dict[str, dict[str, Any]]) -> list[str]:
+    """Markdown rows of one breakdown (group -> compact analysis)."""
+    rows = ["| " + " | ".join(BREAKDOWN_HEADER) + " |", "|" + "---|" * len(BREAKDOWN_HEADER)]
+    for group, v in table.items():
+        cells = [group, str(v["n_questions"])]
+        cells += [_pct(v.get(k)) for k in ("auto_accuracy", "cot_accuracy", "code_accuracy", "union")]
+        cells += [_pct(v.get("auto_code_use_rate")), _pct(v.get("selection_accuracy"))]
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
 
 
 def print_table(metrics: dict[str, Any]) -> None:
@@ -302,6 +342,13 @@ def print_table(metrics: dict[str, Any]) -> None:
         summary = _summary(m)
         if summary:
             console.print(summary)
+        for key, groups in metrics.get("breakdown", {}).get(bench, {}).items():
+            sub = Table(title=f"{bench} by {key}")
+            for h in BREAKDOWN_HEADER:
+                sub.add_column(h, justify="left" if h == "group" else "right")
+            for row in breakdown_table(groups)[2:]:
+                sub.add_row(*[c.strip() for c in row.strip("|").split("|")])
+            console.print(sub)
 
 
 def replace(config: EvalConfig, **changes: Any) -> EvalConfig:
