@@ -160,7 +160,7 @@ def test_cli_rejects_bad_options(tmp_path):
 
 def test_breakdown_by_a_meta_key(tmp_path, tiny_tokenizer, pool):
     rows = [
-        {"id": f"q{a}", "question": f"What is {a} plus 10?", "answer": str(a + 10), "family": "odd" if a % 2 else "even"}
+        {"id": f"q{a}", "question": f"What is {a} plus 10?", "answer": str(a + 10), "family": ["even", "odd"][a % 2]}
         for a in range(4)
     ]
     path = tmp_path / "fam.jsonl"
