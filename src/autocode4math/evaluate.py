@@ -237,8 +237,8 @@ def write_outputs(
         "sampling": {b: {"n": n, "temperature": t} for b, (n, t) in sampling.items()},
         "benchmarks": benchmarks,
         "breakdown": {
-            bench: {key: breakdown([r for r in records if str(r["benchmark"]) == bench], ids) for key, ids in keys.items()}
-            for bench, keys in (labels or {}).items()
+            bench: {key: breakdown([r for r in records if r["benchmark"] == bench], ids) for key, ids in by_key.items()}
+            for bench, by_key in (labels or {}).items()
         },
     }
     write_json(out / "metrics.json", metrics)
