@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from autocode4math.demo import DemoConfig, code_rate_phases, run_demo, targets
+from autocode4math.demo import DemoConfig, code_rate_phases, run_demo, targets, train_config
 
 
 @pytest.mark.slow
@@ -55,3 +55,10 @@ def test_code_rate_phases_reads_unprompted_rollouts(tmp_path):
         rows.append({"mode": "code", "prefix": "Let's", "id": "q", "used_code": True})  # forced: not counted
         (d / "rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert code_rate_phases(tmp_path) == {"iteration 1": [0.0], "iteration 2": [0.5], "iteration 3": [1.0]}
+
+
+def test_every_method_makes_the_same_number_of_trajectory_passes():
+    cfg = DemoConfig(k=4, per_query=4, epochs=2)
+    em, rl = train_config(cfg, "em"), train_config(cfg, "base_rl")
+    assert em.mstep.epochs * cfg.per_query == rl.mstep.epochs * 2 * cfg.k == 8
+    assert rl.rl_samples == 2 * cfg.k and train_config(cfg, "sft_rl").model == "toy-sft"

@@ -40,7 +40,7 @@ class DemoConfig:
 
     out: str = "runs/demo"
     iterations: int = 2
-    queries: int = 96
+    queries: int = 64
     """Training queries (from the toy train split)."""
     k: int = 4
     """E-step rollouts per query and decision; RL methods get 2k auto rollouts per query."""
@@ -48,12 +48,14 @@ class DemoConfig:
     """E-step training trajectories per query."""
     alpha: float = 4.0
     """E-step inverse temperature of s*."""
-    lr: float = 2e-4
+    lr: float = 1e-4
+    """M-step learning rate (chosen on the dev split: 5e-4 collapsed the model, 3e-5 barely moved it)."""
     epochs: int = 2
     micro_batch_size: int = 16
-    dev: int = 60
-    test: int = 300
-    max_new_tokens: int = 384
+    dev: int = 36
+    test: int = 200
+    """First questions of the toy test split evaluated at the end (600 with --full)."""
+    max_new_tokens: int = 256
     batch_size: int = 64
     seed: int = 0
     methods: list[str] = field(default_factory=lambda: ["em", "base_rl", "sft_rl", "sft"])
@@ -97,7 +99,7 @@ def train_config(config: DemoConfig, method: str) -> TrainConfig:
         ),
         mstep=MStepConfig(
             lr=config.lr,
-            epochs=config.epochs,
+            epochs=rl_epochs(config) if algo == "rl" else config.epochs,
             micro_batch_size=config.micro_batch_size,
             schedule="constant",
             save_every=1000,
@@ -107,6 +109,14 @@ def train_config(config: DemoConfig, method: str) -> TrainConfig:
             source="toy:dev", limit=config.dev, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size
         ),
     )
+
+
+def rl_epochs(config: DemoConfig) -> int:
+    """Epochs of the RL baselines' M-step, so that every method makes the same number of trajectory passes.
+
+    EM trains on `per_query` subsampled trajectories per query for `epochs`; RL on all its 2k rollouts.
+    """
+    return max(1, round(config.epochs * config.per_query / (2 * config.k)))
 
 
 def evaluate(config: DemoConfig, model: str, source: str, out: Path, progress: bool) -> dict[str, Any]:
@@ -144,7 +154,9 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict[str, Any]:
     finals["base"] = resolve_model("toy-base")
     test = {name: evaluate(config, model, "toy:test", out / "test" / name, progress) for name, model in finals.items()}
     sft_dev = None
-    if "sft" in config.methods:
+    if "sft_rl" in curves:  # SFT+RL's iteration 0 is the SFT checkpoint on the same dev questions
+        sft_dev = curves["sft_rl"][0]
+    elif "sft" in config.methods:
         sft_dev = evaluate(config, finals["sft"], "toy:dev", out / "sft" / "dev", progress)
     phases = code_rate_phases(out / "em") if "em" in config.methods else {}
     metrics = {
