@@ -158,7 +158,7 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict[str, Any]:
         sft_dev = curves["sft_rl"][0]
     elif "sft" in config.methods:
         sft_dev = evaluate(config, finals["sft"], "toy:dev", out / "sft" / "dev", progress)
-    phases = code_rate_phases(out / "em") if "em" in config.methods else {}
+    phases = code_rate_phases(out / "em", out / "test" / "em" / "samples.jsonl") if "em" in config.methods else {}
     metrics = {
         "config": dataclasses.asdict(config),
         "seconds": round(time.monotonic() - started, 1),
@@ -174,19 +174,21 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict[str, Any]:
     return metrics
 
 
-def code_rate_phases(em_run: Path) -> dict[str, list[float]]:
-    """Per-query unprompted code-use rate at the first, middle and last E-step (its auto rollouts)."""
+def code_rate_phases(em_run: Path, trained_samples: Path | None = None) -> dict[str, list[float]]:
+    """Per-query unprompted code-use rate at the first, middle and last E-step (its auto rollouts), and of
+    the trained model on the test split (`trained_samples`: its eval samples; greedy, so 0 or 1 per query)."""
     files = sorted(em_run.glob("iter-*/collect/rollouts.jsonl"))
-    if not files:
-        return {}
-    picks = sorted({0, len(files) // 2, len(files) - 1})
-    return {f"iteration {int(files[i].parts[-3][5:])}": _raw_pi(files[i].parent) for i in picks}
+    picks = sorted({0, len(files) // 2, len(files) - 1}) if files else []
+    phases = {f"E-step {int(files[i].parts[-3][5:])}": _raw_pi(files[i]) for i in picks}
+    if trained_samples is not None and trained_samples.exists():
+        phases["trained (test)"] = _raw_pi(trained_samples)
+    return phases
 
 
-def _raw_pi(collect_dir: Path) -> list[float]:
+def _raw_pi(path: Path) -> list[float]:
     """Unsmoothed share of auto-mode rollouts (no forced prefix) that used code, per query."""
     counts: dict[str, list[int]] = {}
-    for r in read_jsonl(collect_dir / "rollouts.jsonl"):
+    for r in read_jsonl(path):
         if r["mode"] == "auto" and not r["prefix"]:
             c = counts.setdefault(str(r["id"]), [0, 0])
             c[0] += int(bool(r["used_code"]))
@@ -247,9 +249,11 @@ def plot_all(metrics: dict[str, Any], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     phases = metrics["code_rate_phases"]
     if phases:
-        ax.hist(list(phases.values()), bins=[i / 10 for i in range(11)], label=list(phases), alpha=0.8)
+        rates = list(phases.values())
+        weights = [[1 / len(r)] * len(r) for r in rates]  # phases have different query counts: show shares
+        ax.hist(rates, bins=[i / 10 for i in range(11)], weights=weights, label=list(phases), alpha=0.8)
         ax.legend()
-    ax.set(xlabel="code-use rate of a query (auto mode)", ylabel="queries", title="EM: code use across training")
+    ax.set(xlabel="code-use rate of a query (auto mode)", ylabel="share of queries", title="EM: code use")
     fig.tight_layout()
     fig.savefig(out / "fig5_code_rate_distribution.png", dpi=120)
     plt.close(fig)
