@@ -141,3 +141,15 @@ def test_base_mix_checks():
         toyworld.BaseMix(auto_code_rate=-0.1)
     with pytest.raises(ValueError, match="at most 1"):
         toyworld.BaseMix(auto_share=0.8, cot_share=0.3)
+
+
+def test_sft_corpus_can_keep_the_prompted_modes_in_practice():
+    demos = toyworld.sft_corpus(400, seed=5, mode_share=0.5)
+    cot = [d for d in demos if "without writing code" in d.prompt]
+    code = [d for d in demos if d.prefix]
+    assert 60 < len(cot) < 140 and 60 < len(code) < 140
+    assert all("```" not in d.response for d in cot)
+    assert all(d.response.startswith("```python") for d in code)
+    assert toyworld.sft_corpus(50, seed=5) == toyworld.sft_corpus(50, seed=5, mode_share=0.0)
+    with pytest.raises(ValueError):
+        toyworld.sft_corpus(5, seed=5, mode_share=1.5)

@@ -154,6 +154,8 @@ class PretrainConfig:
     """torch CPU threads."""
     vocab_size: int = 512
     """BPE vocabulary (base stage only)."""
+    sft_mode_share: float = 0.0
+    """Share of sft demos that are cot-prompt CoT or code-mode demos instead of auto-prompt ones."""
     sft_code_rate: float = 0.5
     """Chance that an sft demo uses code, independent of its family."""
     log_every: int = 50
@@ -181,7 +183,9 @@ def _corpus(config: PretrainConfig) -> list[toyworld.Demo]:
     exclude = toyworld.held_out_questions()
     if config.stage == "base":
         return toyworld.base_corpus(config.n_examples, config.seed, config.mix, exclude)
-    return toyworld.sft_corpus(config.n_examples, config.seed + 7919, config.sft_code_rate, exclude)
+    return toyworld.sft_corpus(
+        config.n_examples, config.seed + 7919, config.sft_code_rate, exclude, config.sft_mode_share
+    )
 
 
 def _start(config: PretrainConfig, corpus: list[toyworld.Demo]) -> tuple[Qwen2ForCausalLM, PreTrainedTokenizerFast]:

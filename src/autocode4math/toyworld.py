@@ -354,10 +354,28 @@ def base_corpus(n: int, seed: int, mix: BaseMix | None = None, exclude: set[str]
     return out
 
 
-def sft_corpus(n: int, seed: int, code_rate: float = 0.5, exclude: set[str] | None = None) -> list[Demo]:
-    """A fixed tool-integrated SFT set: auto prompts, code chosen at random, not tied to the family."""
+def sft_corpus(
+    n: int, seed: int, code_rate: float = 0.5, exclude: set[str] | None = None, mode_share: float = 0.0
+) -> list[Demo]:
+    """A fixed tool-integrated SFT set: auto prompts, code chosen at random, not tied to the family.
+
+    `mode_share` of the demos instead keep the prompted modes in practice (half cot-prompt CoT, half
+    code-mode with the forced prefix), so that fine-tuning does not erase the cot instruction.
+    """
     if not 0.0 <= code_rate <= 1.0:
         raise ValueError(f"code_rate must be in [0, 1], got {code_rate}")
+    if not 0.0 <= mode_share <= 1.0:
+        raise ValueError(f"mode_share must be in [0, 1], got {mode_share}")
     rng = random.Random(seed + 1)
     items = stream(seed, exclude)
-    return [demo(next(items), "auto", rng.random() < code_rate) for _ in range(n)]
+    out = []
+    for _ in range(n):
+        item = next(items)
+        r = rng.random() if mode_share else 1.0  # no extra draw by default: the shipped toy-sft's corpus
+        if r < mode_share / 2:
+            out.append(demo(item, "cot", False))
+        elif r < mode_share:
+            out.append(demo(item, "code", True))
+        else:
+            out.append(demo(item, "auto", rng.random() < code_rate))
+    return out
