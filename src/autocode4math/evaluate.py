@@ -316,15 +316,20 @@ def render_report(metrics: dict[str, Any]) -> str:
 BREAKDOWN_HEADER = ["group", "questions", "auto %", "cot %", "code %", "union %", "auto code %", "selection %"]
 
 
-def breakdown_table(table: dict[str, dict[str, Any]]) -> list[str]:
-    """Markdown rows of one breakdown (group -> compact analysis)."""
-    rows = ["| " + " | ".join(BREAKDOWN_HEADER) + " |", "|" + "---|" * len(BREAKDOWN_HEADER)]
+def _breakdown_rows(table: dict[str, dict[str, Any]]) -> list[list[str]]:
+    """Cells of one breakdown (group -> compact analysis), one row per group."""
+    rows = []
     for group, v in table.items():
         cells = [group, str(v["n_questions"])]
         cells += [_pct(v.get(k)) for k in ("auto_accuracy", "cot_accuracy", "code_accuracy", "union")]
-        cells += [_pct(v.get("auto_code_use_rate")), _pct(v.get("selection_accuracy"))]
-        rows.append("| " + " | ".join(cells) + " |")
+        rows.append(cells + [_pct(v.get("auto_code_use_rate")), _pct(v.get("selection_accuracy"))])
     return rows
+
+
+def breakdown_table(table: dict[str, dict[str, Any]]) -> list[str]:
+    """Markdown rows of one breakdown (group -> compact analysis)."""
+    rows = ["| " + " | ".join(BREAKDOWN_HEADER) + " |", "|" + "---|" * len(BREAKDOWN_HEADER)]
+    return rows + ["| " + " | ".join(cells) + " |" for cells in _breakdown_rows(table)]
 
 
 def print_table(metrics: dict[str, Any]) -> None:
@@ -346,8 +351,8 @@ def print_table(metrics: dict[str, Any]) -> None:
             sub = Table(title=f"{bench} by {key}")
             for h in BREAKDOWN_HEADER:
                 sub.add_column(h, justify="left" if h == "group" else "right")
-            for row in breakdown_table(groups)[2:]:
-                sub.add_row(*[c.strip() for c in row.strip("|").split("|")])
+            for cells in _breakdown_rows(groups):
+                sub.add_row(*cells)
             console.print(sub)
 
 
