@@ -40,3 +40,8 @@ def test_unknown_key_is_an_error():
 def test_post_init_checks_run():
     with pytest.raises(ConfigError, match="lr must be positive"):
         load_config(Outer, None, ["inner.lr=-1"])
+
+
+def test_a_number_given_to_a_str_field_keeps_its_text():
+    assert load_config(Outer, None, ["name=78"]).name == "78"
+    assert load_config(Outer, None, ["inner.steps=3"]).inner.steps == 3

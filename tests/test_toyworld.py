@@ -136,6 +136,22 @@ def test_sft_corpus_code_choice_is_not_tied_to_the_family():
         toyworld.sft_corpus(5, seed=0, code_rate=1.5)
 
 
+def _family(prompt: str, markers: dict[str, str]) -> str:
+    return next((name for name, marker in markers.items() if marker in prompt), "mul")
+
+
+def test_sft_corpus_can_tie_code_to_a_digit_in_the_question():
+    corpus = toyworld.sft_corpus(900, seed=4, code_digits="7")
+    assert all(d.response.startswith(CODE_PREFIX) == ("7" in d.prompt.split("\n")[0]) for d in corpus)
+    families = {"arith": "Compute", "story": "Then"}
+    for family in ("arith", "story", "mul"):
+        group = [d for d in corpus if _family(d.prompt, families) == family]
+        rate = sum(d.response.startswith(CODE_PREFIX) for d in group) / len(group)
+        assert 0.2 < rate < 0.5
+    with pytest.raises(ValueError, match="code_digits"):
+        toyworld.sft_corpus(5, seed=0, code_digits="x7")
+
+
 def test_base_mix_checks():
     with pytest.raises(ValueError, match="auto_code_rate"):
         toyworld.BaseMix(auto_code_rate=-0.1)

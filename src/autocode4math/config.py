@@ -91,6 +91,8 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         sub = _dataclass_type(hints[name])
         if sub is not None and isinstance(value, dict):
             value = from_dict(sub, value, f"{where}{name}.")
+        elif hints[name] is str and isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)  # `--set name=7` parses as YAML int; a str field means the text "7"
         kwargs[name] = value
     try:
         return cls(**kwargs)

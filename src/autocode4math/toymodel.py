@@ -157,7 +157,9 @@ class PretrainConfig:
     sft_mode_share: float = 0.0
     """Share of sft demos that are cot-prompt CoT or code-mode demos instead of auto-prompt ones."""
     sft_code_rate: float = 0.5
-    """Chance that an sft demo uses code, independent of its family."""
+    """Chance that an sft demo uses code, independent of its family (when `sft_code_digits` is empty)."""
+    sft_code_digits: str = ""
+    """If set (e.g. "7"), an auto sft demo uses code exactly when its question contains one of these digits."""
     log_every: int = 50
     """Steps between progress lines."""
     model: ToyModelConfig = field(default_factory=ToyModelConfig)
@@ -174,6 +176,8 @@ class PretrainConfig:
             raise ValueError(f"lr must be in (0, 1), got {self.lr}")
         if self.max_minutes < 0:
             raise ValueError(f"max_minutes must be >= 0, got {self.max_minutes}")
+        if self.sft_code_digits and not (self.sft_code_digits.isdigit() and self.sft_code_digits.isascii()):
+            raise ValueError(f"sft_code_digits must be digits 0-9, got {self.sft_code_digits!r}")
 
     def resolved_out_dir(self) -> Path:
         return Path(self.out_dir) if self.out_dir else CHECKPOINT_DIR / f"toy-{self.stage}"
@@ -184,7 +188,12 @@ def _corpus(config: PretrainConfig) -> list[toyworld.Demo]:
     if config.stage == "base":
         return toyworld.base_corpus(config.n_examples, config.seed, config.mix, exclude)
     return toyworld.sft_corpus(
-        config.n_examples, config.seed + 7919, config.sft_code_rate, exclude, config.sft_mode_share
+        config.n_examples,
+        config.seed + 7919,
+        config.sft_code_rate,
+        exclude,
+        config.sft_mode_share,
+        config.sft_code_digits,
     )
 
 

@@ -355,9 +355,20 @@ def base_corpus(n: int, seed: int, mix: BaseMix | None = None, exclude: set[str]
 
 
 def sft_corpus(
-    n: int, seed: int, code_rate: float = 0.5, exclude: set[str] | None = None, mode_share: float = 0.0
+    n: int,
+    seed: int,
+    code_rate: float = 0.5,
+    exclude: set[str] | None = None,
+    mode_share: float = 0.0,
+    code_digits: str = "",
 ) -> list[Demo]:
-    """A fixed tool-integrated SFT set: auto prompts, code chosen at random, not tied to the family.
+    """A fixed tool-integrated SFT set: auto prompts whose code choice is not tied to the family.
+
+    By default each auto demo uses code with probability `code_rate` (a coin flip). With `code_digits`
+    (e.g. "7") an auto demo uses code exactly when its question contains one of those digits: a
+    surface feature, unrelated to what the problem needs, that the model can read off the question,
+    so that under greedy decoding its choice is still unrelated to the family (real tool-integrated
+    sets likewise pick code by source or annotator, not by need).
 
     `mode_share` of the demos instead keep the prompted modes in practice (half cot-prompt CoT, half
     code-mode with the forced prefix), so that fine-tuning does not erase the cot instruction.
@@ -366,6 +377,8 @@ def sft_corpus(
         raise ValueError(f"code_rate must be in [0, 1], got {code_rate}")
     if not 0.0 <= mode_share <= 1.0:
         raise ValueError(f"mode_share must be in [0, 1], got {mode_share}")
+    if code_digits and not (code_digits.isdigit() and code_digits.isascii()):
+        raise ValueError(f"code_digits must be a string of digits 0-9, got {code_digits!r}")
     rng = random.Random(seed + 1)
     items = stream(seed, exclude)
     out = []
@@ -376,6 +389,8 @@ def sft_corpus(
             out.append(demo(item, "cot", False))
         elif r < mode_share:
             out.append(demo(item, "code", True))
+        elif code_digits:
+            out.append(demo(item, "auto", any(d in item.question for d in code_digits)))
         else:
             out.append(demo(item, "auto", rng.random() < code_rate))
     return out
