@@ -196,10 +196,12 @@ def toy_sample(
 
 @toy_app.command("pretrain")
 def toy_pretrain(
-    stage: str = typer.Option("base", help="base (from scratch, CoT-heavy) or sft (tool-integrated, random choice)."),
+    stage: str = typer.Option(
+        "base", help="base (from scratch, CoT-heavy) or sft (tool-integrated, code choice not tied to the family)."
+    ),
     seed: int = typer.Option(0, help="Seeds corpus, initialisation and batch order."),
     out_dir: str = typer.Option("", help="Output directory; default: the package's checkpoints/toy-<stage>."),
-    config: str = typer.Option("", help="YAML preset with PretrainConfig fields (e.g. presets/toy-pretrain.yaml)."),
+    config: str = typer.Option("", help="YAML file with PretrainConfig fields (steps, lr, sft_code_digits, ...)."),
     overrides: list[str] = typer.Option(
         [], "--set", help="Dotted overrides, e.g. --set steps=500 --set model.num_layers=2."
     ),

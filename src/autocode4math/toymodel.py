@@ -9,7 +9,8 @@ Two stages mirror the paper's starting points:
 - `base`: from scratch on `toyworld.base_corpus`: mostly CoT, code mostly behind the forced code
   prefix, so that unprompted the model rarely writes code while the prefix elicits it.
 - `sft`:  the base fine-tuned on `toyworld.sft_corpus`, a tool-integrated set whose code choice is
-  random and not tied to the family, so the model's own choice is close to random.
+  not tied to the family (a coin flip, or with `sft_code_digits` a digit in the question, which the
+  shipped toy-sft uses), so the model's choice is unrelated to which mode the problem needs.
 
 Sequences are tokenized the way the rollout engine sees them: prompt, forced prefix and each response
 segment (model text up to and including "```output", then the tool's inserted output) are tokenized
