@@ -297,7 +297,7 @@ def _write_records(out: Path, config: PretrainConfig, history: list[dict], secon
         f"- seed: {config.seed}",
         f"- steps run: {history[-1]['step'] + 1 if history else 0} of {config.steps}, batch {config.batch_size}",
         f"- final logged loss: {history[-1]['loss'] if history else 'n/a'}",
-        f"- training time: {seconds / 60:.1f} min on {config.threads} CPU threads",
+        f"- training time: {seconds / 60:.1f} min on {config.threads} CPU thread{'s' if config.threads > 1 else ''}",
         f"- machine: {machine}",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         "",
