@@ -125,27 +125,27 @@ def test_base_corpus_is_mostly_cot_with_code_behind_the_prefix():
     assert not any(d.prompt.split("\n")[0].removeprefix("Question: ") in held_out for d in corpus)
 
 
+def _family(prompt: str) -> str:
+    """A demo's family, read off its question's wording (mul has neither marker)."""
+    return next((name for name, marker in (("arith", "Compute"), ("story", "Then")) if marker in prompt), "mul")
+
+
 def test_sft_corpus_code_choice_is_not_tied_to_the_family():
     corpus = toyworld.sft_corpus(1500, seed=4)
     assert all(_mode(d) == "auto" and not d.prefix for d in corpus)
-    for family_test in (lambda p: "Compute" in p, lambda p: "Then" in p):
-        group = [d for d in corpus if family_test(d.prompt)]
+    for family in ("arith", "story"):
+        group = [d for d in corpus if _family(d.prompt) == family]
         rate = sum(d.response.startswith(CODE_PREFIX) for d in group) / len(group)
         assert 0.4 < rate < 0.6
     with pytest.raises(ValueError, match="code_rate"):
         toyworld.sft_corpus(5, seed=0, code_rate=1.5)
 
 
-def _family(prompt: str, markers: dict[str, str]) -> str:
-    return next((name for name, marker in markers.items() if marker in prompt), "mul")
-
-
 def test_sft_corpus_can_tie_code_to_a_digit_in_the_question():
     corpus = toyworld.sft_corpus(900, seed=4, code_digits="7")
     assert all(d.response.startswith(CODE_PREFIX) == ("7" in d.prompt.split("\n")[0]) for d in corpus)
-    families = {"arith": "Compute", "story": "Then"}
     for family in ("arith", "story", "mul"):
-        group = [d for d in corpus if _family(d.prompt, families) == family]
+        group = [d for d in corpus if _family(d.prompt) == family]
         rate = sum(d.response.startswith(CODE_PREFIX) for d in group) / len(group)
         assert 0.2 < rate < 0.5
     with pytest.raises(ValueError, match="code_digits"):

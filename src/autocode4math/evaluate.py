@@ -31,6 +31,11 @@ PAPER_SAMPLING = {"aime24": (64, 0.6), "amc23": (64, 0.6)}
 """(n, temperature) the paper uses per benchmark; every other benchmark is greedy with n=1."""
 
 
+def _comma_list(value: str | list[str]) -> list[str]:
+    """A list field given as "a,b" (e.g. from `--set modes=auto,cot`) becomes ["a", "b"]; lists pass through."""
+    return [v for v in value.split(",") if v] if isinstance(value, str) else value
+
+
 @dataclass
 class EvalConfig:
     """What to evaluate and how."""
@@ -72,12 +77,7 @@ class EvalConfig:
     prompt: PromptConfig = field(default_factory=PromptConfig)
 
     def __post_init__(self) -> None:
-        if isinstance(self.group_by, str):
-            self.group_by = [k for k in self.group_by.split(",") if k]
-        if isinstance(self.benchmarks, str):
-            self.benchmarks = [b for b in self.benchmarks.split(",") if b]
-        if isinstance(self.modes, str):
-            self.modes = [m for m in self.modes.split(",") if m]
+        self.group_by, self.benchmarks, self.modes = map(_comma_list, (self.group_by, self.benchmarks, self.modes))
         bad = [m for m in self.modes if m not in MODES]
         if bad or not self.modes:
             raise ValueError(f"modes must be a non-empty subset of {MODES}, got {self.modes}")

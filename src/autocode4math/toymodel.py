@@ -177,8 +177,7 @@ class PretrainConfig:
             raise ValueError(f"lr must be in (0, 1), got {self.lr}")
         if self.max_minutes < 0:
             raise ValueError(f"max_minutes must be >= 0, got {self.max_minutes}")
-        if self.sft_code_digits and not (self.sft_code_digits.isdigit() and self.sft_code_digits.isascii()):
-            raise ValueError(f"sft_code_digits must be digits 0-9, got {self.sft_code_digits!r}")
+        toyworld.check_code_digits(self.sft_code_digits)
 
     def resolved_out_dir(self) -> Path:
         return Path(self.out_dir) if self.out_dir else CHECKPOINT_DIR / f"toy-{self.stage}"

@@ -354,6 +354,12 @@ def base_corpus(n: int, seed: int, mix: BaseMix | None = None, exclude: set[str]
     return out
 
 
+def check_code_digits(code_digits: str) -> None:
+    """`code_digits` is empty (coin flip) or a string of ASCII digits; else ValueError."""
+    if code_digits and not (code_digits.isdigit() and code_digits.isascii()):
+        raise ValueError(f"code_digits must be a string of digits 0-9, got {code_digits!r}")
+
+
 def sft_corpus(
     n: int,
     seed: int,
@@ -377,8 +383,7 @@ def sft_corpus(
         raise ValueError(f"code_rate must be in [0, 1], got {code_rate}")
     if not 0.0 <= mode_share <= 1.0:
         raise ValueError(f"mode_share must be in [0, 1], got {mode_share}")
-    if code_digits and not (code_digits.isdigit() and code_digits.isascii()):
-        raise ValueError(f"code_digits must be a string of digits 0-9, got {code_digits!r}")
+    check_code_digits(code_digits)
     rng = random.Random(seed + 1)
     items = stream(seed, exclude)
     out = []
