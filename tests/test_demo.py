@@ -54,7 +54,7 @@ def test_code_rate_phases_reads_unprompted_rollouts(tmp_path):
         rows = [{"mode": "auto", "prefix": "", "id": "q", "used_code": u} for u in used]
         rows.append({"mode": "code", "prefix": "Let's", "id": "q", "used_code": True})  # forced: not counted
         (d / "rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert code_rate_phases(tmp_path) == {"E-step 1": [0.0], "E-step 2": [0.5], "E-step 3": [1.0]}
+    assert code_rate_phases(tmp_path) == {"iteration 1": [0.0], "iteration 2": [0.5], "iteration 3": [1.0]}
     trained = tmp_path / "samples.jsonl"
     trained.write_text(
         "".join(json.dumps({"mode": "auto", "prefix": "", "id": q, "used_code": q == "a"}) + "\n" for q in "ab")

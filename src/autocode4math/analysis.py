@@ -1,7 +1,8 @@
 """The paper's measurements over rollout records: accuracy, code use, the union bound, selection accuracy.
 
 All functions take rollout records (dicts with at least `id`, `benchmark`, `mode`, `sample`,
-`correct`, `used_code`, `n_code_calls`, `code_blocks`, `n_generated_tokens`) and are pure.
+`correct`, `used_code`, `n_code_calls`, `code_blocks`, `n_generated_tokens`; `prefix` and `response` for
+the code-after-text rate) and are pure.
 
 Definitions (also in docs/rollout.md):
 - accuracy: mean of `correct` over all samples. Its 95% interval is a percentile bootstrap over
@@ -10,6 +11,8 @@ Definitions (also in docs/rollout.md):
 - per-question solve rate acc_m(q): mean of `correct` over the samples of question q in mode m.
 - union bound (the paper's "free lunch"): mean over questions of max(acc_cot(q), acc_code(q)). With
   one sample per question this is the fraction of questions solved by CoT or by code.
+- code after text: the share of samples whose first code block follows a line of reasoning text (the
+  paper's mid-reasoning code integration), as opposed to code from the start (after the code prefix alone).
 - selection accuracy of auto mode: a question is *decisive* when acc_code(q) != acc_cot(q); its
   reference choice is code iff acc_code(q) > acc_cot(q). Each auto sample on a decisive question is
   right when `used_code` equals the reference choice; selection accuracy is the mean over those
@@ -21,12 +24,15 @@ Definitions (also in docs/rollout.md):
 from __future__ import annotations
 
 import math
+import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from autocode4math.prompts import CODE_PREFIX
 
 CI_METHOD = "percentile bootstrap over questions (2000 resamples, seed 0)"
 
@@ -57,6 +63,88 @@ def bootstrap_ci(
     return (float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha)))
 
 
+def t_quantile(p: float, df: float) -> float:
+    """Quantile of Student's t with `df` degrees of freedom (df may be fractional; inf gives the normal).
+
+    Bisection on the CDF, whose central part is the density integrated from 0 with Simpson's rule on
+    4001 points (the density is smooth at the scale of 1, and the 0.975 quantile is below 13 for df >= 1).
+    """
+    if not 0 < p < 1:
+        raise ValueError(f"p must be in (0, 1), got {p}")
+    if df <= 0:
+        raise ValueError(f"df must be positive, got {df}")
+    if math.isinf(df):
+        return statistics.NormalDist().inv_cdf(p)
+    if p < 0.5:
+        return -t_quantile(1 - p, df)
+    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def central(x: float) -> float:  # P(0 <= T <= x)
+        t = np.linspace(0.0, x, 4001)
+        f = np.exp(log_norm - (df + 1) / 2 * np.log1p(t * t / df))
+        return float((f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum()) * (t[1] - t[0]) / 3)
+
+    lo, hi = 0.0, 1.0
+    while central(hi) < p - 0.5:
+        lo, hi = hi, 2 * hi
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if central(mid) < p - 0.5 else (lo, mid)
+    return (lo + hi) / 2
+
+
+def _interval(mean: float, var: float, df: float, level: float) -> dict[str, Any]:
+    half = t_quantile(0.5 + level / 2, df) * math.sqrt(var)
+    return {"mean": mean, "ci95": [mean - half, mean + half], "se": math.sqrt(var), "df": df}
+
+
+def seed_interval(values: Sequence[float], level: float = 0.95) -> dict[str, Any]:
+    """Mean of per-seed values and its t-interval over seeds; `ci95` is None with fewer than two seeds."""
+    if not values:
+        raise ValueError("seed_interval needs at least one value")
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return {"mean": mean, "ci95": None, "se": None, "df": None}
+    return _interval(mean, statistics.variance(values) / len(values), len(values) - 1, level)
+
+
+def crossed_interval(values: Any, level: float = 0.95) -> dict[str, Any]:
+    """Mean of a seeds x questions matrix and its interval with seeds and questions both random.
+
+    Every seed answers the same questions (the factors are crossed, not nested), so the model is
+    x[s, q] = mu + a_s + b_q + e_sq. From the two-way mean squares (rows S, columns Q)
+        MS_s = Q var(row means), MS_q = S var(column means), MS_e = residual SS / ((S-1)(Q-1)),
+    Var(mean) = sigma_a^2/S + sigma_b^2/Q + sigma_e^2/(SQ) is estimated without bias by
+    (MS_s + MS_q - MS_e) / (SQ) (floored at 0), with Satterthwaite's degrees of freedom (at least 1).
+    One seed leaves the t-interval over questions, one question the t-interval over seeds;
+    `ci95` is None for a single cell.
+    """
+    x = np.asarray(values, dtype=float)
+    if x.ndim != 2 or x.size == 0:
+        raise ValueError(f"crossed_interval needs a non-empty seeds x questions matrix, got shape {x.shape}")
+    s, q = x.shape
+    mean = float(x.mean())
+    if s == 1 or q == 1:
+        return seed_interval(x.ravel().tolist(), level)
+    rows, cols = x.mean(axis=1), x.mean(axis=0)
+    ms_s = q * float(((rows - mean) ** 2).sum()) / (s - 1)
+    ms_q = s * float(((cols - mean) ** 2).sum()) / (q - 1)
+    ms_e = float(((x - rows[:, None] - cols[None, :] + mean) ** 2).sum()) / ((s - 1) * (q - 1))
+    total = ms_s + ms_q - ms_e
+    spread = ms_s**2 / (s - 1) + ms_q**2 / (q - 1) + ms_e**2 / ((s - 1) * (q - 1))
+    df = max(1.0, total**2 / spread) if spread > 0 and total > 0 else math.inf
+    return _interval(mean, max(total, 0.0) / (s * q), df, level)
+
+
+def code_after_text(record: dict[str, Any], code_prefix: str = CODE_PREFIX) -> bool:
+    """True when the trajectory ran code and its first code block comes after a line of reasoning text, i.e.
+    something other than the code prefix stands before it in the forced prefix plus the response."""
+    if not record["used_code"]:
+        return False
+    before = (record.get("prefix", "") + record.get("response", "")).split("```python", 1)[0]
+    return bool(before.replace(code_prefix, "").strip())
+
+
 def mode_metrics(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Accuracy (with interval), code-use rate, mean code calls, code error rate, mean tokens."""
     if not records:
@@ -71,6 +159,7 @@ def mode_metrics(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "ci_low": low,
         "ci_high": high,
         "code_use_rate": sum(bool(r["used_code"]) for r in records) / n,
+        "code_after_text_rate": sum(code_after_text(r) for r in records) / n,
         "mean_code_calls": sum(r["n_code_calls"] for r in records) / n,
         "code_error_rate": (sum(b["status"] != "ok" for b in blocks) / len(blocks)) if blocks else None,
         "n_code_blocks": len(blocks),
@@ -153,6 +242,7 @@ def breakdown(records: Sequence[dict[str, Any]], labels: dict[str, Any]) -> dict
         row: dict[str, Any] = {"n_questions": len({str(r["id"]) for r in rows})}
         for mode, v in m["modes"].items():
             row[f"{mode}_accuracy"], row[f"{mode}_code_use_rate"] = v["accuracy"], v["code_use_rate"]
+            row[f"{mode}_code_after_text_rate"] = v["code_after_text_rate"]
         row["union"] = m.get("union")
         row["selection_accuracy"] = (m.get("selection") or {}).get("selection_accuracy")
         out[group] = row

@@ -32,6 +32,8 @@ from autocode4math.io import DataError, read_jsonl
 BENCHMARKS = ("gsm8k", "math500", "gaokao2023en", "olympiadbench", "aime24", "amc23")
 DATA_DIR = Path(__file__).parent / "data"
 TOY_SPLITS = ("train", "dev", "test")
+TOY_SOURCES = ("toy", "toy-mid")
+"""The toy world's sources (toyworld.SOURCES): the main families, and the mid-reasoning family on its own."""
 
 QUESTION_FIELDS = ("question", "problem", "prompt", "query", "input")
 ANSWER_FIELDS = ("answer", "final_answer", "gold", "target", "expected_answer", "solution")
@@ -216,13 +218,15 @@ def _load_shipped(name: str, limit: int | None) -> list[Problem]:
     return _finish(records, name, limit)
 
 
-def _load_toy(split: str, limit: int | None) -> list[Problem]:
+def _load_toy(source: str, split: str, limit: int | None) -> list[Problem]:
     if split not in TOY_SPLITS:
         raise ValueError(f"toy split must be one of {TOY_SPLITS}, got {split!r}")
-    path = DATA_DIR / "toy" / f"{split}.jsonl"
+    path = DATA_DIR / source / f"{split}.jsonl"
     if not path.exists():
-        raise FileNotFoundError(f"toy split {split!r} not found at {path}; generate it with `autocode toy data`")
-    return load_problems(str(path), benchmark="toy", limit=limit)
+        raise FileNotFoundError(
+            f"{source} split {split!r} not found at {path}; generate it with `autocode toy data --source {source}`"
+        )
+    return load_problems(str(path), benchmark=source, limit=limit)
 
 
 def load_problems(
@@ -237,8 +241,8 @@ def load_problems(
 ) -> list[Problem]:
     """Load problems as `Problem` records.
 
-    `source` is a shipped benchmark name, "toy" (with `split` train/dev/test; "toy:dev" names the
-    split), a .jsonl/.json/.parquet path, or a Hugging Face dataset id (loaded with `split`). For
+    `source` is a shipped benchmark name, "toy" or "toy-mid" (with `split` train/dev/test; "toy:dev" names
+    the split), a .jsonl/.json/.parquet path, or a Hugging Face dataset id (loaded with `split`). For
     files and datasets the question, answer and id fields are detected from common names unless
     given; `benchmark` names the grading convention (defaults to the file stem). Rows already in the
     normalised form keep their `meta`.
@@ -247,8 +251,9 @@ def load_problems(
         raise ValueError(f"limit must be >= 0, got {limit}")
     if source in BENCHMARKS:
         return _load_shipped(source, limit)
-    if source == "toy" or source.startswith("toy:"):
-        return _load_toy(source.partition(":")[2] or split, limit)
+    name, _, named_split = source.partition(":")
+    if name in TOY_SOURCES:
+        return _load_toy(name, named_split or split, limit)
     path = Path(source)
     if path.suffix.lower() in (".jsonl", ".json", ".parquet") or path.exists():
         if not path.exists():

@@ -166,18 +166,21 @@ def eval_(
 
 @toy_app.command("data")
 def toy_data(
-    out_dir: str = typer.Option("", help="Where to write the splits; default: the package's data/toy."),
+    out_dir: str = typer.Option("", help="Where to write the splits; default: the package's data/<source>."),
+    source: str = typer.Option("toy", help="toy (arith, mul, story) or toy-mid (the mid-reasoning family)."),
 ) -> None:
     """Write the toy train/dev/test splits (fixed sizes and seeds) as JSONL."""
     from autocode4math import toyworld
 
-    for split, path in toyworld.write_splits(out_dir or toyworld.DATA_DIR).items():
+    if source not in toyworld.SOURCES:
+        raise typer.BadParameter(f"unknown source {source!r}; expected one of {sorted(toyworld.SOURCES)}")
+    for split, path in toyworld.write_splits(out_dir or None, source).items():
         typer.echo(f"{split}: {path}")
 
 
 @toy_app.command("sample")
 def toy_sample(
-    family: str = typer.Option("mul", help="arith, mul or story."),
+    family: str = typer.Option("mul", help="arith, mul, story or mid."),
     difficulty: int = typer.Option(2, help="1 to 3."),
     seed: int = typer.Option(0, help="Random seed."),
 ) -> None:
@@ -285,6 +288,9 @@ def train_cmd(
 def demo_cmd(
     full: bool = typer.Option(False, "--full", help="The longer study (more queries, iterations and rollouts)."),
     out: str = typer.Option("", help="Run directory (default runs/demo, or runs/demo-full); reruns resume."),
+    seeds: int = typer.Option(
+        1, "--seeds", help="Training seeds; more than one also tests on all 600 questions and reports intervals."
+    ),
     overrides: list[str] = typer.Option([], "--set", help="Dotted DemoConfig overrides, e.g. --set iterations=3."),
 ) -> None:
     """The toy study: EM vs Base+RL, SFT, SFT+RL from the shipped checkpoints; report.md, metrics.json, plots."""
@@ -292,8 +298,10 @@ def demo_cmd(
     from autocode4math.demo import DemoConfig, run_demo
 
     base = DemoConfig.full() if full else DemoConfig()
+    sized = {"seeds": seeds, **({"test": 600} if seeds > 1 else {})}
     try:
-        cfg = from_dict(DemoConfig, {**to_dict(base), **parse_overrides(overrides), **({"out": out} if out else {})})
+        given = {**parse_overrides(overrides), **({"out": out} if out else {})}
+        cfg = from_dict(DemoConfig, {**to_dict(base), **sized, **given})
     except ConfigError as e:
         raise typer.BadParameter(str(e)) from None
     metrics = run_demo(cfg)

@@ -121,3 +121,8 @@ def save_config(config: Any, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
+
+
+def with_overrides(config: T, overrides: dict[str, Any]) -> T:
+    """A copy of dataclass `config` with a nested dict of field values merged in (checked like a preset)."""
+    return from_dict(type(config), _merge(to_dict(config), overrides))

@@ -23,12 +23,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from autocode4math.config import save_config
+from autocode4math.analysis import seed_interval
+from autocode4math.config import save_config, with_overrides
 from autocode4math.em import DevEval, TrainConfig, flatten_metrics, resolve_model, train
 from autocode4math.estep import EStepConfig
 from autocode4math.io import read_jsonl, write_json
 from autocode4math.mstep import MStepConfig
 from autocode4math.rollout import RolloutConfig
+from autocode4math.seeds import (
+    INTERVAL_METHOD,
+    QUESTION_FIGURES,
+    auto_vs_best_mode,
+    paired_differences,
+    summarise,
+)
 
 RUNS = {"em": ("em", "toy-base"), "base_rl": ("rl", "toy-base"), "sft_rl": ("rl", "toy-sft")}
 LABELS = {"em": "EM (ours)", "base_rl": "Base+RL", "sft_rl": "SFT+RL", "sft": "SFT"}
@@ -54,19 +62,27 @@ class DemoConfig:
     micro_batch_size: int = 16
     dev: int = 36
     test: int = 200
-    """First questions of the toy test split evaluated at the end (600 with --full)."""
+    """First questions of the toy test split evaluated at the end (600, the whole split, with --full or
+    several seeds; 200 keeps the single-seed default within ten minutes)."""
     max_new_tokens: int = 256
     batch_size: int = 64
     seed: int = 0
+    """First training seed: seed s drives rollout sampling, E-step subsampling and M-step batch order."""
+    seeds: int = 1
+    """Training seeds: the study runs for seed, seed + 1, ... and reports means with 95% intervals."""
     methods: list[str] = field(default_factory=lambda: ["em", "base_rl", "sft_rl", "sft"])
+    em: dict[str, Any] = field(default_factory=dict)
+    """Overrides of EM's TrainConfig on top of the above, e.g. `--set em.mstep.cot_anchor_weight=0`."""
 
     def __post_init__(self) -> None:
         unknown = set(self.methods) - set(LABELS)
         if unknown:
             raise ValueError(f"unknown methods {sorted(unknown)}; known: {sorted(LABELS)}")
-        for name in ("iterations", "queries", "k", "per_query", "dev", "test", "epochs"):
+        for name in ("iterations", "queries", "k", "per_query", "dev", "test", "epochs", "seeds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.em:
+            train_config(self, "em")  # unknown or bad EM overrides fail here, before anything runs
 
     @classmethod
     def full(cls, **changes: Any) -> DemoConfig:
@@ -76,7 +92,12 @@ class DemoConfig:
 
 
 def train_config(config: DemoConfig, method: str) -> TrainConfig:
-    """The em.train configuration of one RL method of the study."""
+    """The em.train configuration of one RL method of the study (EM with `config.em`'s overrides)."""
+    base = _train_config(config, method)
+    return with_overrides(base, config.em) if method == "em" and config.em else base
+
+
+def _train_config(config: DemoConfig, method: str) -> TrainConfig:
     algo, start = RUNS[method]
     rollout = RolloutConfig(
         max_new_tokens=config.max_new_tokens, temperature=1.0, top_p=0.9, seed=config.seed, max_active=256
@@ -138,48 +159,115 @@ def evaluate(config: DemoConfig, model: str, source: str, out: Path, progress: b
 
 
 def run_demo(config: DemoConfig, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) the study; write metrics.json, report.md and the three figures; return the metrics."""
+    """Run (or resume) the study for every seed; write metrics.json, report.md and the figures; return the metrics.
+
+    Layout: `seed-<s>/<method>/` (an em.train run) and `seed-<s>/test/<method>/` per seed, and `test/base`,
+    `test/sft` once: the shipped checkpoints evaluated greedily do not depend on the seed.
+    """
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "demo_config.yaml")
     started = time.monotonic()
-    curves: dict[str, list[dict[str, Any]]] = {}
-    finals: dict[str, str] = {}
-    for method in config.methods:
-        if method == "sft":
-            finals["sft"] = resolve_model("toy-sft")
-            continue
-        curves[method] = train(train_config(config, method), progress=progress)
-        finals[method] = curves[method][-1]["model"]
-    finals["base"] = resolve_model("toy-base")
-    test = {name: evaluate(config, model, "toy:test", out / "test" / name, progress) for name, model in finals.items()}
+    studies = [run_seed(config, seed, progress) for seed in seed_list(config)]
+    fixed = {"base": resolve_model("toy-base")} | ({"sft": resolve_model("toy-sft")} if "sft" in config.methods else {})
+    for name, model in fixed.items():
+        test = evaluate(config, model, "toy:test", out / "test" / name, progress)
+        for study in studies:
+            study["test"][name], study["samples"][name] = test, out / "test" / name / "samples.jsonl"
     sft_dev = None
-    if "sft_rl" in curves:  # SFT+RL's iteration 0 is the SFT checkpoint on the same dev questions
-        sft_dev = curves["sft_rl"][0]
+    if "sft_rl" in config.methods:  # SFT+RL's iteration 0 is the SFT checkpoint on the same dev questions
+        sft_dev = studies[0]["curves"]["sft_rl"][0]
     elif "sft" in config.methods:
-        sft_dev = evaluate(config, finals["sft"], "toy:dev", out / "sft" / "dev", progress)
-    phases = code_rate_phases(out / "em", out / "test" / "em" / "samples.jsonl") if "em" in config.methods else {}
-    metrics = {
-        "config": dataclasses.asdict(config),
-        "seconds": round(time.monotonic() - started, 1),
-        "curves": curves,
-        "sft_dev": sft_dev,
-        "test": test,
-        "code_rate_phases": phases,
-        "targets": targets(test),
-    }
+        sft_dev = evaluate(config, fixed["sft"], "toy:dev", out / "sft" / "dev", progress)
+    metrics = aggregate(config, studies, round(time.monotonic() - started, 1), sft_dev)
     write_json(out / "metrics.json", metrics)
     plot_all(metrics, out)
     (out / "report.md").write_text(render_report(metrics), encoding="utf-8")
     return metrics
 
 
-def code_rate_phases(em_run: Path, trained_samples: Path | None = None) -> dict[str, list[float]]:
-    """Per-query unprompted code-use rate at the first, middle and last E-step (its auto rollouts), and of
-    the trained model on the test split (`trained_samples`: its eval samples; greedy, so 0 or 1 per query)."""
-    files = sorted(em_run.glob("iter-*/collect/rollouts.jsonl"))
-    picks = sorted({0, len(files) // 2, len(files) - 1}) if files else []
-    phases = {f"E-step {int(files[i].parts[-3][5:])}": _raw_pi(files[i]) for i in picks}
+def seed_list(config: DemoConfig) -> list[int]:
+    return [config.seed + i for i in range(config.seeds)]
+
+
+def run_seed(config: DemoConfig, seed: int, progress: bool) -> dict[str, Any]:
+    """Train and test every RL method of the study with one seed, under `<out>/seed-<seed>`."""
+    d = Path(config.out) / f"seed-{seed}"
+    one = dataclasses.replace(config, seed=seed, out=str(d))
+    curves = {m: train(train_config(one, m), progress=progress) for m in config.methods if m in RUNS}
+    test = {m: evaluate(one, rows[-1]["model"], "toy:test", d / "test" / m, progress) for m, rows in curves.items()}
+    samples = {m: d / "test" / m / "samples.jsonl" for m in curves}
+    phases = {m: code_rate_phases(d / m, samples[m]) for m in ("em", "sft_rl") if m in curves}
+    return {"seed": seed, "curves": curves, "test": test, "samples": samples, "phases": phases}
+
+
+def aggregate(
+    config: DemoConfig, studies: list[dict[str, Any]], seconds: float, sft_dev: dict[str, Any] | None
+) -> dict[str, Any]:
+    """metrics.json: means over seeds with intervals, paired differences, per-seed figures, targets."""
+    records = {m: [list(read_jsonl(s["samples"][m])) for s in studies] for m in studies[0]["samples"]}
+    intervals = summarise(records)
+    diffs = paired_differences(records)
+    if "em" in records:
+        diffs["em_auto_vs_best_mode_diff"] = auto_vs_best_mode(records["em"])
+    for method in studies[0]["curves"]:  # trained models only: the shipped ones do not vary with the seed
+        selection = [s["test"][method]["selection_accuracy"] for s in studies]
+        if None not in selection:
+            intervals[method]["selection_accuracy"] = seed_interval(selection)
+    test = {m: _mean_row([s["test"][m] for s in studies]) for m in studies[0]["test"]}
+    phases: dict[str, dict[str, list[float]]] = {}
+    for s in studies:
+        for method, by_phase in s["phases"].items():
+            for phase, rates in by_phase.items():
+                phases.setdefault(method, {}).setdefault(phase, []).extend(rates)
+    return {
+        "config": dataclasses.asdict(config),
+        "seconds": seconds,
+        "seeds": [s["seed"] for s in studies],
+        "interval_method": INTERVAL_METHOD,
+        "curves": {m: mean_curve([s["curves"][m] for s in studies]) for m in studies[0]["curves"]},
+        "sft_dev": sft_dev,
+        "test": test,
+        "test_ci": intervals,
+        **diffs,
+        "per_seed": [{"seed": s["seed"], "test": s["test"], "curves": s["curves"]} for s in studies],
+        "code_rate_phases": phases,
+        "code_rate_extremes": {m: {p: extreme_share(r) for p, r in by.items()} for m, by in phases.items()},
+        "targets": targets(test, intervals, diffs),
+    }
+
+
+def _mean_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Numeric entries averaged over seeds (None if any seed lacks them); others taken from the first row."""
+    out = dict(rows[0])
+    for key, value in rows[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            values = [r.get(key) for r in rows]
+            out[key] = None if None in values else sum(values) / len(values)
+    return out
+
+
+def mean_curve(per_seed: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Dev curve averaged over seeds, point by point, with `auto_accuracy_ci95` (t over seeds; None for one)."""
+    out = []
+    for points in zip(*per_seed, strict=True):
+        row = _mean_row(list(points))
+        row["auto_accuracy_ci95"] = seed_interval([p["auto_accuracy"] for p in points])["ci95"]
+        out.append(row)
+    return out
+
+
+def extreme_share(rates: list[float]) -> float | None:
+    """Share of queries whose code-use rate is exactly 0 or 1 (the paper's Fig. 5 collapse)."""
+    return sum(r in (0.0, 1.0) for r in rates) / len(rates) if rates else None
+
+
+def code_rate_phases(run: Path, trained_samples: Path | None = None) -> dict[str, list[float]]:
+    """Per-query unprompted code-use rate in each iteration's training rollouts of a run (EM: the E-step's
+    auto rollouts; RL: the policy's own rollouts), and of the trained model on the test split
+    (`trained_samples`: its eval samples; greedy, so 0 or 1 per query)."""
+    files = sorted(run.glob("iter-*/collect/rollouts.jsonl"))
+    phases = {f"iteration {int(f.parts[-3][5:])}": _raw_pi(f) for f in files}
     if trained_samples is not None and trained_samples.exists():
         phases["trained (test)"] = _raw_pi(trained_samples)
     return phases
@@ -196,25 +284,33 @@ def _raw_pi(path: Path) -> list[float]:
     return [k / n for k, n in counts.values() if n]
 
 
-def targets(test: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The issue's targets on the test split, each with its measured numbers and whether it holds."""
+def targets(
+    test: dict[str, dict[str, Any]],
+    intervals: dict[str, dict[str, Any]] | None = None,
+    diffs: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The issue's targets on the test split (means over seeds), each with its numbers, its 95% interval
+    where one exists (`intervals`: demo's test_ci, `diffs`: its paired differences) and whether it holds."""
     if "em" not in test:
         return {}
-    em = test["em"]
+    em, ci, diffs = test["em"], (intervals or {}).get("em", {}), diffs or {}
     best_mode = max(em["cot_accuracy"], em["code_accuracy"])
     out = {
         "em_auto_vs_best_mode": {
             "auto": em["auto_accuracy"],
             "best_of_cot_code": best_mode,
+            "ci95": _ci(diffs.get("em_auto_vs_best_mode_diff")),
             "met": em["auto_accuracy"] >= best_mode + 0.05,
         },
         "selection_accuracy": {
             "value": em["selection_accuracy"],
+            "ci95": _ci(ci.get("selection_accuracy")),
             "met": (em["selection_accuracy"] or 0) >= 0.85,
         },
         "code_rate_reduction": {
             "auto_code_rate": em["auto_code_use_rate"],
             "code_mode_code_rate": em["code_code_use_rate"],
+            "ci95": _ci(ci.get("auto_code_use_rate")),
             "met": em["auto_code_use_rate"] <= 0.7 * em["code_code_use_rate"]
             and em["auto_accuracy"] >= em["code_accuracy"],
         },
@@ -223,9 +319,14 @@ def targets(test: dict[str, dict[str, Any]]) -> dict[str, Any]:
         out["em_vs_sft_rl_auto"] = {
             "em": em["auto_accuracy"],
             "sft_rl": test["sft_rl"]["auto_accuracy"],
+            "ci95": _ci(diffs.get("em_vs_sft_rl_auto_diff")),
             "met": em["auto_accuracy"] > test["sft_rl"]["auto_accuracy"],
         }
     return out
+
+
+def _ci(interval: dict[str, Any] | None) -> list[float] | None:
+    return None if interval is None else interval["ci95"]
 
 
 def plot_all(metrics: dict[str, Any], out: Path) -> None:
@@ -235,29 +336,8 @@ def plot_all(metrics: dict[str, Any], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method, rows in metrics["curves"].items():
-        ax.plot([r["tokens"] for r in rows], [100 * r["auto_accuracy"] for r in rows], "o-", label=LABELS[method])
-    if metrics["sft_dev"]:
-        ax.axhline(100 * metrics["sft_dev"]["auto_accuracy"], ls="--", color="gray", label=LABELS["sft"])
-    ax.set(xlabel="generated rollout tokens", ylabel="dev accuracy, auto mode (%)", title="Training efficiency")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "fig4_accuracy_vs_tokens.png", dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    phases = metrics["code_rate_phases"]
-    if phases:
-        rates = list(phases.values())
-        weights = [[1 / len(r)] * len(r) for r in rates]  # phases have different query counts: show shares
-        ax.hist(rates, bins=[i / 10 for i in range(11)], weights=weights, label=list(phases), alpha=0.8)
-        ax.legend()
-    ax.set(xlabel="code-use rate of a query (auto mode)", ylabel="share of queries", title="EM: code use")
-    fig.tight_layout()
-    fig.savefig(out / "fig5_code_rate_distribution.png", dpi=120)
-    plt.close(fig)
-
+    plot_fig4(metrics, out / "fig4_accuracy_vs_tokens.png", plt)
+    plot_fig5(metrics["code_rate_phases"], out / "fig5_code_rate_distribution.png", plt)
     names = list(metrics["test"])
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.2
@@ -272,36 +352,108 @@ def plot_all(metrics: dict[str, Any], out: Path) -> None:
     plt.close(fig)
 
 
+def plot_fig4(metrics: dict[str, Any], path: Path, plt: Any) -> None:
+    """Dev accuracy (auto) against generated rollout tokens, mean over seeds with a 95% band."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, rows in metrics["curves"].items():
+        tokens = [r["tokens"] for r in rows]
+        line = ax.plot(tokens, [100 * r["auto_accuracy"] for r in rows], "o-", label=LABELS[method])[0]
+        if all(r.get("auto_accuracy_ci95") for r in rows):
+            lo, hi = zip(*(r["auto_accuracy_ci95"] for r in rows), strict=True)
+            ax.fill_between(tokens, [100 * v for v in lo], [100 * v for v in hi], color=line.get_color(), alpha=0.15)
+    if metrics["sft_dev"]:
+        ax.axhline(100 * metrics["sft_dev"]["auto_accuracy"], ls="--", color="gray", label=LABELS["sft"])
+    seeds = len(metrics.get("seeds", [])) or 1
+    title = "Training efficiency" + (f" ({seeds} seeds, 95% bands)" if seeds > 1 else "")
+    ax.set(xlabel="generated rollout tokens", ylabel="dev accuracy, auto mode (%)", title=title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_fig5(phases: dict[str, dict[str, list[float]]], path: Path, plt: Any) -> None:
+    """The paper's Fig. 5: per-query code-use rates at each iteration, SFT+RL (its own rollouts) beside EM
+    (the E-step's unprompted rollouts), plus each trained model on the test split; shares of queries."""
+    titles = {"sft_rl": "SFT+RL: its rollouts", "em": "EM: E-step, unprompted rollouts"}
+    methods = [m for m in ("sft_rl", "em") if phases.get(m)] or ["em"]
+    fig, axes = plt.subplots(1, len(methods), figsize=(6 * len(methods), 4), squeeze=False)
+    for ax, method in zip(axes[0], methods, strict=True):
+        by_phase = phases.get(method, {})
+        if by_phase:
+            rates = list(by_phase.values())
+            weights = [[1 / len(r)] * len(r) for r in rates]  # phases have different query counts: show shares
+            ax.hist(rates, bins=[i / 10 for i in range(11)], weights=weights, label=list(by_phase))
+            ax.legend()
+        ax.set(xlabel="code-use rate of a query (auto mode)", ylabel="share of queries", title=titles[method])
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
+def _with_ci(mean: float | None, interval: dict[str, Any] | None) -> str:
+    """`57.5 [50.6, 64.4]` in percent; just the mean when there is no interval."""
+    if interval is None or interval.get("ci95") is None:
+        return _pct(mean)
+    lo, hi = interval["ci95"]
+    return f"{_pct(mean)} [{_pct(lo)}, {_pct(hi)}]"
+
+
 def render_report(metrics: dict[str, Any]) -> str:
-    """report.md: the test table, the targets with their numbers, the dev curves and the figures."""
+    """report.md: the test table with intervals, paired differences, targets, per-seed figures, dev curves."""
+    seeds = metrics["seeds"]
     lines = [
         "# AutoCode4Math on the toy world",
         "",
-        f"Wall-clock: {metrics['seconds']:.0f} s. Config: `demo_config.yaml`. "
+        f"Wall-clock: {metrics['seconds']:.0f} s. Config: `demo_config.yaml`. Seeds: {', '.join(map(str, seeds))}. "
         "Test split, greedy decoding, one sample per question.",
+        "",
+        f"Each figure: mean and 95% interval ({metrics['interval_method']}).",
         "",
         "| model | auto | cot | code | union | selection acc. | code use (auto) | code use (code mode) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, m in metrics["test"].items():
-        lines.append(
-            f"| {LABELS.get(name, name)} | {_pct(m['auto_accuracy'])} | {_pct(m['cot_accuracy'])} | "
-            f"{_pct(m['code_accuracy'])} | {_pct(m['union'])} | {_pct(m['selection_accuracy'])} | "
-            f"{_pct(m['auto_code_use_rate'])} | {_pct(m['code_code_use_rate'])} |"
-        )
+        ci = metrics["test_ci"].get(name, {})
+        cells = [_with_ci(m[k], ci.get(k)) for k in QUESTION_FIGURES[:4]]
+        cells += [_with_ci(m["selection_accuracy"], ci.get("selection_accuracy"))]
+        cells += [_with_ci(m["auto_code_use_rate"], ci.get("auto_code_use_rate")), _pct(m["code_code_use_rate"])]
+        lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + " |")
+    lines += ["", "## Paired differences: EM minus each model, per question and seed", ""]
+    lines += ["| EM minus | auto | cot | code | union |", "|---|---|---|---|---|"]
+    for name in metrics["test"]:
+        keys = [f"em_vs_{name}_{f}_diff" for f in ("auto", "cot", "code", "union")]
+        if all(k in metrics for k in keys):
+            cells = [_with_ci(metrics[k]["mean"], metrics[k]) for k in keys]
+            lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + " |")
     lines += ["", "## Targets", ""]
     for name, t in metrics["targets"].items():
-        figures = ", ".join(f"{k} {_pct(v) if isinstance(v, float) else v}" for k, v in t.items() if k != "met")
-        lines.append(f"- {name}: {'met' if t['met'] else 'NOT met'} ({figures})")
-    lines += ["", "## Dev accuracy (auto) by iteration", "", "| method | iteration | generated tokens | auto |"]
-    lines.append("|---|---|---|---|")
+        figures = ", ".join(
+            f"{k} {_pct(v) if isinstance(v, float) else v}" for k, v in t.items() if k not in ("met", "ci95")
+        )
+        interval = f"; 95% interval [{_pct(t['ci95'][0])}, {_pct(t['ci95'][1])}]" if t.get("ci95") else ""
+        lines.append(f"- {name}: {'met' if t['met'] else 'NOT met'} on the mean ({figures}{interval})")
+    lines += ["", "## Code use per query (the paper's Fig. 5): share of queries at 0% or 100%", ""]
+    for method, by_phase in metrics["code_rate_extremes"].items():
+        shares = ", ".join(f"{phase} {_pct(v)}%" for phase, v in by_phase.items())
+        lines.append(f"- {LABELS[method]}: {shares}")
+    if len(seeds) > 1:
+        lines += ["", "## Per seed", "", "| seed | model | auto | cot | code | union | selection acc. |"]
+        lines.append("|---|---|---|---|---|---|---|")
+        for row in metrics["per_seed"]:
+            for name, m in row["test"].items():
+                figures = [m[k] for k in (*QUESTION_FIGURES[:4], "selection_accuracy")]
+                lines.append(f"| {row['seed']} | {LABELS.get(name, name)} | " + " | ".join(map(_pct, figures)) + " |")
+    lines += ["", "## Dev accuracy (auto) by iteration, mean over seeds", ""]
+    lines += ["| method | iteration | generated tokens | auto |", "|---|---|---|---|"]
     for method, rows in metrics["curves"].items():
         for r in rows:
-            lines.append(f"| {LABELS[method]} | {r['iteration']} | {r['tokens']:,} | {_pct(r['auto_accuracy'])} |")
+            auto = _with_ci(r["auto_accuracy"], {"ci95": r.get("auto_accuracy_ci95")})
+            lines.append(f"| {LABELS[method]} | {r['iteration']} | {r['tokens']:,.0f} | {auto} |")
     lines += [
         "",
         "![Fig. 4](fig4_accuracy_vs_tokens.png) ![Fig. 5](fig5_code_rate_distribution.png) ![Fig. 6](fig6_modes.png)",

@@ -155,7 +155,7 @@ def _mstep_config(config: TrainConfig, iteration: int) -> MStepConfig:
     """Per-method M-step settings: rl has no decision term, sft the supervised objective; seeds vary by iteration."""
     changes: dict[str, Any] = {"seed": config.mstep.seed + iteration}
     if config.method == "rl":
-        changes["decision_weight"] = 0.0
+        changes["decision_weight"] = changes["cot_anchor_weight"] = 0.0
     if config.method == "sft":
         changes["objective"] = "sft"
     return dataclasses.replace(config.mstep, **changes)
@@ -313,6 +313,7 @@ def flatten_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     for mode, mm in m["modes"].items():
         out[f"{mode}_accuracy"] = mm["accuracy"]
         out[f"{mode}_code_use_rate"] = mm["code_use_rate"]
+        out[f"{mode}_code_after_text_rate"] = mm["code_after_text_rate"]
     out["union"] = m.get("union")
     out["selection_accuracy"] = (m.get("selection") or {}).get("selection_accuracy")
     return out

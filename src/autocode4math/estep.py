@@ -229,6 +229,17 @@ def add_decision_tokens(record: dict[str, Any], tokenizer: Any, code_prefix_text
     record["decision_ids"] = encode(tokenizer, code_prefix_text)
 
 
+def add_anchor_tokens(record: dict[str, Any], tokenizer: Any, prompt: PromptConfig) -> None:
+    """Attach the cot anchor's tokens to a training record (in place): the question's cot prompt
+    (`anchor_context_ids`) and the code-prefix tokens (`anchor_ids`), for the M-step's c=0 term under it."""
+    from autocode4math.prompts import build_prompt
+    from autocode4math.rollout.engine import encode_prompt
+
+    cot = build_prompt(record["question"], "cot", tokenizer, prompt)
+    record["anchor_context_ids"] = encode_prompt(tokenizer, cot.text)
+    record["anchor_ids"] = encode(tokenizer, prompt.code_prefix + "\n")
+
+
 def cut_point(response: str, rng: random.Random) -> int | None:
     """A seeded step boundary: just after a newline, before any code block and before the last line."""
     head = response.split("```python", 1)[0]
@@ -341,6 +352,7 @@ def run_estep(
     code_text = config.prompt.code_prefix + "\n"
     for row in train:
         add_decision_tokens(row, backend.tokenizer, code_text, config.prompt.code_prefix)
+        add_anchor_tokens(row, backend.tokenizer, config.prompt)
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "audit.jsonl", audit)
     summary = _summary(records, train)
@@ -366,6 +378,7 @@ def _summary(records: Sequence[dict[str, Any]], train: Sequence[dict[str, Any]])
 
 __all__ = [
     "EStepConfig",
+    "add_anchor_tokens",
     "add_decision_tokens",
     "advantages",
     "code_prior",

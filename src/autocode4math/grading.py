@@ -43,7 +43,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-INTEGER_BENCHMARKS = ("aime24", "amc23", "toy")
+INTEGER_BENCHMARKS = ("aime24", "amc23", "toy", "toy-mid")
 """Benchmarks whose answers are exact integers."""
 LAST_NUMBER_BENCHMARKS = ("gsm8k",)
 """Benchmarks whose convention allows `#### N` and, failing all else, the last number in the text."""

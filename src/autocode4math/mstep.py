@@ -33,7 +33,7 @@ import json
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,12 @@ class MStepConfig:
     """`token`: one ratio per token; `sequence`: one per trajectory (product over its tokens)."""
     decision_weight: float = 1.0
     """Weight w of the decision cross-entropy term."""
+    kl_coef: float = 0.0
+    """Weight of a KL penalty to pi_ref on the trained tokens (the k3 estimator, averaged like the policy term)."""
+    cot_anchor_weight: float = 0.0
+    """Weight of the cot anchor: a c=0 decision term under the cot prompt, -log(1 - p(code prefix | cot
+    prompt)), for each sample that carries `anchor_context_ids` (the E-step adds them). The cot instruction
+    fixes the decision, so the decision learned on auto prompts must not leak into it (docs/method.md)."""
     objective: str = "rl"
     """`rl`: the clipped off-policy objective above; `sft`: the token-mean negative log-likelihood of the
     model-written response tokens (the SFT baseline: advantages unused; ratio statistics still logged)."""
@@ -113,6 +119,8 @@ class MStepConfig:
             "max_grad_norm": self.max_grad_norm >= 0,
             "clip_eps": 0 < self.clip_eps < 1,
             "decision_weight": self.decision_weight >= 0,
+            "cot_anchor_weight": self.cot_anchor_weight >= 0,
+            "kl_coef": self.kl_coef >= 0,
             "bucket_window": self.bucket_window >= 1,
             "ref_batch_size": self.ref_batch_size >= 1,
             "lora_r": self.lora_r >= 0,
@@ -178,6 +186,15 @@ def sft_loss(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return -((logp * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
 
 
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(pi_theta || pi_ref) by the k3 estimator, exp(d) - d - 1 with d = ref_logp - logp per token (>= 0,
+    unbiased, low variance); mean over each trajectory's masked tokens, then over trajectories. [B, T] -> []."""
+    mask = mask.to(logp.dtype)
+    d = (ref_logp - logp) * mask
+    per_token = torch.exp(d) - d - 1
+    return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+
+
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(x)) for x < 0, accurate on both ends (Maechler's split at -log 2)."""
     return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
@@ -217,6 +234,10 @@ class Sample:
     correct: bool
     used_code: bool
     key: str
+    anchor: list[int] = field(default_factory=list)
+    """Cot prompt + code-prefix tokens of the cot anchor ([] when the record has none)."""
+    n_anchor: int = 0
+    """Number of code-prefix tokens at the end of `anchor` (0: no anchor term)."""
 
 
 def load_samples(path: str | Path) -> list[Sample]:
@@ -233,6 +254,9 @@ def load_samples(path: str | Path) -> list[Sample]:
         ctx, dec = list(r.get("decision_context_ids", [])), list(r.get("decision_ids", []))
         if dec and not ctx:
             raise DataError(f"{path}:{n}: decision_ids without decision_context_ids")
+        anchor_ctx, anchor_ids = list(r.get("anchor_context_ids", [])), list(r.get("anchor_ids", []))
+        if bool(anchor_ctx) != bool(anchor_ids):
+            raise DataError(f"{path}:{n}: anchor_context_ids and anchor_ids must be given together")
         prefix = list(r["prompt_ids"]) + list(r["prefix_ids"])
         out.append(
             Sample(
@@ -243,6 +267,8 @@ def load_samples(path: str | Path) -> list[Sample]:
                 c=int(r["c"]),
                 decision=ctx + dec,
                 n_decision=len(dec),
+                anchor=anchor_ctx + anchor_ids,
+                n_anchor=len(anchor_ids),
                 correct=bool(r.get("correct", False)),
                 used_code=bool(r.get("used_code", False)),
                 key=str(r.get("key", n)),
@@ -268,20 +294,25 @@ def collate(samples: Sequence[Sample], pad_id: int, ref: Sequence[Sequence[float
     """Pad B samples into trajectory rows [B, W] and decision rows [B, Wd] (two forward passes, little padding).
 
     Masks are aligned with next-token targets (position t scores token t + 1): rl_mask and ref_logp
-    [B, W-1], dec_mask [B, Wd-1]; advantage, c, has_decision: [B].
+    [B, W-1], dec_mask [B, Wd-1]; advantage, c, has_decision, has_anchor: [B]. Cot-anchor rows follow the
+    decision rows in dec_input_ids ([2B, Wd] then), so one forward pass scores both.
     """
     ids, attention = _pad([s.ids for s in samples], pad_id)
-    dec_ids, dec_attention = _pad([s.decision or [pad_id, pad_id] for s in samples], pad_id)
     b = len(samples)
+    rows = [(s.decision, s.n_decision) for s in samples]
+    if any(s.n_anchor for s in samples):
+        rows += [(s.anchor, s.n_anchor) for s in samples]
+    dec_ids, dec_attention = _pad([row or [pad_id, pad_id] for row, _ in rows], pad_id)
     rl_mask, ref_logp = torch.zeros((b, ids.shape[1] - 1)), torch.zeros((b, ids.shape[1] - 1))
-    dec_mask = torch.zeros((b, dec_ids.shape[1] - 1))
+    dec_mask = torch.zeros((len(rows), dec_ids.shape[1] - 1))
     for i, s in enumerate(samples):
         n = len(s.mask)
         rl_mask[i, s.start - 1 : s.start - 1 + n] = torch.tensor(s.mask, dtype=torch.float)
         if ref is not None:
             ref_logp[i, s.start - 1 : s.start - 1 + n] = torch.tensor(ref[i], dtype=torch.float)
-        if s.n_decision:
-            dec_mask[i, len(s.decision) - 1 - s.n_decision : len(s.decision) - 1] = 1
+    for i, (row, n_prefix) in enumerate(rows):
+        if n_prefix:
+            dec_mask[i, len(row) - 1 - n_prefix : len(row) - 1] = 1
     return {
         "input_ids": ids,
         "attention_mask": attention,
@@ -293,6 +324,7 @@ def collate(samples: Sequence[Sample], pad_id: int, ref: Sequence[Sequence[float
         "advantage": torch.tensor([s.advantage for s in samples]),
         "c": torch.tensor([s.c for s in samples]),
         "has_decision": torch.tensor([float(s.n_decision > 0) for s in samples]),
+        "has_anchor": torch.tensor([float(s.n_anchor > 0) for s in samples]),
     }
 
 
@@ -318,9 +350,15 @@ def batch_loss(model: Any, batch: dict, config: MStepConfig) -> tuple[torch.Tens
         rl = sft_loss(logp, batch["rl_mask"])
     dec_logp = token_logps(model, batch["dec_input_ids"], batch["dec_attention_mask"])
     prefix_logp = (dec_logp * batch["dec_mask"]).sum(-1)
-    dec = decision_loss(prefix_logp, batch["c"], batch["has_decision"])
-    loss = rl + config.decision_weight * dec
-    return loss, {"rl_loss": rl.detach(), "decision_loss": dec.detach(), **stats}
+    b = len(batch["c"])
+    dec = decision_loss(prefix_logp[:b], batch["c"], batch["has_decision"])
+    anchor = torch.zeros_like(dec)
+    if len(prefix_logp) > b:  # cot-anchor rows: the cot instruction means c = 0
+        anchor = decision_loss(prefix_logp[b:], torch.zeros_like(batch["c"]), batch["has_anchor"])
+    kl = kl_penalty(logp, batch["ref_logp"], batch["rl_mask"]) if config.kl_coef else torch.zeros_like(dec)
+    loss = rl + config.decision_weight * dec + config.cot_anchor_weight * anchor + config.kl_coef * kl
+    parts = {"rl_loss": rl, "decision_loss": dec, "anchor_loss": anchor, "kl_loss": kl}
+    return loss, {**{k: v.detach() for k, v in parts.items()}, **stats}
 
 
 def micro_batches(samples: Sequence[Sample], size: int, window: int, seed: int, epoch: int) -> list[list[int]]:
@@ -464,7 +502,7 @@ def _to(batch: dict, device: Any) -> dict:
 
 def _step_metrics(parts: list[dict], samples: list[Sample], accelerator: Any) -> dict[str, float]:
     """Mean of the micro-batches' loss parts and the batch's code rate and accuracy, averaged over processes."""
-    keys = ("loss", "rl_loss", "decision_loss", "clip_frac", "approx_kl")
+    keys = ("loss", "rl_loss", "decision_loss", "anchor_loss", "kl_loss", "clip_frac", "approx_kl")
     local = [sum(float(p[k]) for p in parts) / len(parts) for k in keys]
     local += [sum(s.used_code for s in samples) / len(samples), sum(s.correct for s in samples) / len(samples)]
     values = accelerator.reduce(torch.tensor(local, device=accelerator.device), reduction="mean").tolist()
@@ -529,6 +567,8 @@ def run_mstep(
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "mstep_config.yaml")
     samples = load_samples(data)
+    if not config.cot_anchor_weight:  # no anchor term: skip scoring its rows
+        samples = [replace(s, anchor=[], n_anchor=0) for s in samples]
     net, tokenizer = _load_model(str(model), config)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     ref = load_or_compute_ref(net.to(accelerator.device), samples, pad_id, config, accelerator, out / "ref_logps.pt")

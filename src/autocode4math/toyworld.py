@@ -56,10 +56,10 @@ class ToyItem:
     spec: dict[str, Any] = field(default_factory=dict, compare=False)
     """Family-specific structure (numbers, events) the writers use."""
 
-    def to_row(self, idx: str) -> dict[str, Any]:
+    def to_row(self, idx: str, benchmark: str = "toy") -> dict[str, Any]:
         """The benchmark row: {id, question, answer, benchmark, meta}."""
         meta = {"family": self.family, "difficulty": self.difficulty}
-        return {"id": idx, "question": self.question, "answer": self.answer, "benchmark": "toy", "meta": meta}
+        return {"id": idx, "question": self.question, "answer": self.answer, "benchmark": benchmark, "meta": meta}
 
 
 def run_code(code: str) -> str:
@@ -138,13 +138,18 @@ def _gen_mul(rng: random.Random, difficulty: int) -> ToyItem:
 
 def _cot_mul(item: ToyItem) -> str:
     a, b = item.spec["a"], item.spec["b"]
+    return _product_text(a, b) + " " + _answer(a * b)
+
+
+def _product_text(a: int, b: int) -> str:
+    """`a * b = ...` by partial products over b's digits (one step when b has one nonzero digit)."""
     text = str(b)
     parts = [int(d) * 10 ** (len(text) - 1 - i) for i, d in enumerate(text) if d != "0"]
     if len(parts) == 1:
-        return f"{a} * {b} = {a * b}. " + _answer(a * b)
+        return f"{a} * {b} = {a * b}."
     split = " + ".join(f"{a} * {p}" for p in parts)
     products = " + ".join(str(a * p) for p in parts)
-    return f"{a} * {b} = {split} = {products} = {a * b}. " + _answer(a * b)
+    return f"{a} * {b} = {split} = {products} = {a * b}."
 
 
 def _code_mul(item: ToyItem) -> str:
@@ -187,29 +192,106 @@ def _apply(value: int, op: str, k: int) -> int:
 
 
 def _cot_story(item: ToyItem) -> str:
-    value, steps = item.spec["start"], []
-    for kind, k in item.spec["events"]:
-        op = _EVENTS[kind][0]
-        new = _apply(value, op, k)
-        steps.append(f"{value} {op} {k} = {new}.")
-        value = new
+    steps, value = _story_steps(item.spec["start"], item.spec["events"])
     return " ".join(steps) + " " + _answer(value)
 
 
 def _code_story(item: ToyItem) -> str:
     """Program-of-thought style: name each quantity, then one expression for the whole story."""
-    lines, expr = [f"{item.spec['obj']} = {item.spec['start']}"], item.spec["obj"]
+    lines, expr = _story_program(item.spec["obj"], item.spec["start"], item.spec["events"])
+    return "\n".join([*lines, f"print({expr})"])
+
+
+def _story_program(name: str, start: int, events: list[tuple[str, int]]) -> tuple[list[str], str]:
+    """(assignments, expression) of a story: one variable per quantity, the story as one expression."""
+    lines, expr = [f"{name} = {start}"], name
     used: list[str] = []
-    for kind, k in item.spec["events"]:
+    for kind, k in events:
         op = _EVENTS[kind][0]
         if op == "*":
             expr = f"({expr}) * 2" if " " in expr else f"{expr} * 2"
             continue
-        name = kind if kind not in used else f"{kind}_{used.count(kind) + 1}"
+        var = kind if kind not in used else f"{kind}_{used.count(kind) + 1}"
         used.append(kind)
-        lines.append(f"{name} = {k}")
-        expr = f"{expr} {op} {name}"
-    return "\n".join([*lines, f"print({expr})"])
+        lines.append(f"{var} = {k}")
+        expr = f"{expr} {op} {var}"
+    return lines, expr
+
+
+def _story_steps(start: int, events: list[tuple[str, int]]) -> tuple[list[str], int]:
+    """The CoT steps `v op k = new.` of a story and its final count."""
+    value, steps = start, []
+    for kind, k in events:
+        op = _EVENTS[kind][0]
+        new = _apply(value, op, k)
+        steps.append(f"{value} {op} {k} = {new}.")
+        value = new
+    return steps, value
+
+
+# --- mid: a story about containers whose last step is a product (text first, then code) ----------
+
+_CONTAINERS = (
+    ("box", "boxes", "shells"),
+    ("bag", "bags", "marbles"),
+    ("pack", "packs", "cards"),
+    ("jar", "jars", "coins"),
+)
+_MID_EVENTS = {
+    "found": "finds {k} more {unit}",
+    "bought": "buys {k} more {unit}",
+    "given": "gives {k} {unit} away",
+    "lost": "loses {k} {unit}",
+}
+"""Event wording (the operation is _EVENTS'); `unit` is the container's plural, or singular for k = 1."""
+
+
+def _gen_mid(rng: random.Random, difficulty: int) -> ToyItem:
+    """`difficulty` events change a count of containers (at least 2 remain); each holds a 2-3 digit number."""
+    name, pronoun = rng.choice(_PEOPLE)
+    one, unit, obj = rng.choice(_CONTAINERS)
+    value = start = rng.randint(2, 9)
+    events: list[tuple[str, int]] = []
+    for _ in range(difficulty):
+        kind = rng.choice([k for k in _MID_EVENTS if _EVENTS[k][0] == "+" or value >= 3])
+        k = rng.randint(1, 9) if _EVENTS[kind][0] == "+" else rng.randint(1, value - 2)
+        value = _apply(value, _EVENTS[kind][0], k)
+        events.append((kind, k))
+    per = _digits(rng, 2 if difficulty == 1 else 3)
+    sentences = [f"{name} has {start} {unit} of {obj}."]
+    sentences += [
+        f"Then {pronoun} {_MID_EVENTS[kind].format(k=k, unit=one if k == 1 else unit)}." for kind, k in events
+    ]
+    sentences += [f"Each {one} holds {per} {obj}.", f"How many {obj} does {name} have now?"]
+    spec = {"start": start, "events": events, "per": per, "unit": unit, "count": value}
+    return ToyItem("mid", difficulty, " ".join(sentences), value * per, spec)
+
+
+def _cot_mid(item: ToyItem) -> str:
+    """One step per line: the story's sums, then the product in the head (which the tiny model gets wrong)."""
+    steps, count = _story_steps(item.spec["start"], item.spec["events"])
+    return "\n".join([*steps, _product_text(item.spec["per"], count), _answer(item.answer)])
+
+
+def _code_mid(item: ToyItem) -> str:
+    """Program-of-thought from the start: the whole story as one expression, times the content."""
+    lines, expr = _story_program(item.spec["unit"], item.spec["start"], item.spec["events"])
+    return "\n".join([*lines, f"print(({expr}) * {item.spec['per']})"])
+
+
+def switch_text(item: ToyItem) -> str:
+    """The part of a mid solution before its switch to code: the story's steps, one per line, then a newline."""
+    if item.family != "mid":
+        raise ValueError(f"only the mid family switches to code mid-solution, not {item.family!r}")
+    steps, _ = _story_steps(item.spec["start"], item.spec["events"])
+    return "\n".join(steps) + "\n"
+
+
+def write_switch(item: ToyItem) -> str:
+    """The designed best solution of a mid problem: text for the story, then the code prefix and code for the
+    product (`print(count * per)`), its output filled by running it."""
+    code = code_response(f"print({item.spec['count']} * {item.spec['per']})")
+    return switch_text(item) + CODE_PREFIX + "\n" + code
 
 
 @dataclass(frozen=True)
@@ -228,67 +310,102 @@ FAMILIES: dict[str, Family] = {
     "mul": Family("mul", _gen_mul, _cot_mul, _code_mul),
     "story": Family("story", _gen_story, _cot_story, _code_story),
 }
+"""The families of the main toy world (source `toy`)."""
+ALL_FAMILIES: dict[str, Family] = {**FAMILIES, "mid": Family("mid", _gen_mid, _cot_mid, _code_mid)}
+"""Every family, including `mid`, which has its own source (`toy-mid`) so the main splits stay as they are."""
 
 
 def generate(family: str, difficulty: int, rng: random.Random) -> ToyItem:
     """One problem of `family` at `difficulty` (1-3)."""
-    if family not in FAMILIES:
-        raise ValueError(f"unknown toy family {family!r}; expected one of {sorted(FAMILIES)}")
+    if family not in ALL_FAMILIES:
+        raise ValueError(f"unknown toy family {family!r}; expected one of {sorted(ALL_FAMILIES)}")
     if difficulty not in DIFFICULTIES:
         raise ValueError(f"toy difficulty must be one of {DIFFICULTIES}, got {difficulty!r}")
-    return FAMILIES[family].generate(rng, difficulty)
+    return ALL_FAMILIES[family].generate(rng, difficulty)
 
 
 def write_cot(item: ToyItem) -> str:
     """The chain-of-thought solution of `item`."""
-    return FAMILIES[item.family].cot(item)
+    return ALL_FAMILIES[item.family].cot(item)
 
 
 def write_code(item: ToyItem) -> str:
     """The code solution of `item` (without the code prefix), its output block filled by running it."""
-    response = code_response(FAMILIES[item.family].code(item))
+    response = code_response(ALL_FAMILIES[item.family].code(item))
     if not response.endswith(f"\\boxed{{{item.answer}}}."):
         raise RuntimeError(f"code writer for {item.family!r} disagrees with the answer {item.answer}: {response!r}")
     return response
 
 
-def stream(seed: int, exclude: set[str] | None = None) -> Iterator[ToyItem]:
+def stream(
+    seed: int, exclude: set[str] | None = None, families: tuple[str, ...] = tuple(FAMILIES)
+) -> Iterator[ToyItem]:
     """An endless stream of problems, families and difficulties uniform, skipping `exclude`d questions."""
     rng = random.Random(seed)
     seen = set(exclude or ())
     while True:
-        item = generate(rng.choice(list(FAMILIES)), rng.choice(DIFFICULTIES), rng)
+        item = generate(rng.choice(list(families)), rng.choice(DIFFICULTIES), rng)
         if item.question not in seen:
             seen.add(item.question)
             yield item
 
 
-def make_split(split: str, exclude: set[str] | None = None) -> list[ToyItem]:
+@dataclass(frozen=True)
+class Source:
+    """A set of toy splits: its families, split sizes and seeds, and where the files live."""
+
+    families: tuple[str, ...]
+    splits: dict[str, tuple[int, int]]
+    """split -> (size, seed)."""
+    data_dir: Path
+
+
+SOURCES = {
+    "toy": Source(tuple(FAMILIES), SPLITS, DATA_DIR),
+    "toy-mid": Source(
+        ("mid",), {"train": (1000, 111), "dev": (150, 212), "test": (300, 313)}, DATA_DIR.parent / "toy-mid"
+    ),
+}
+"""`toy`: the main world (arith, mul, story). `toy-mid`: the mid-reasoning family on its own, so that adding it
+changed none of the main splits, checkpoints or figures."""
+
+
+def make_split(split: str, exclude: set[str] | None = None, source: str = "toy") -> list[ToyItem]:
     """The problems of a shipped split (fixed size and seed), none of whose questions is in `exclude`."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown toy split {split!r}; expected one of {sorted(SPLITS)}")
-    size, seed = SPLITS[split]
-    items = stream(seed, exclude)
+    if source not in SOURCES:
+        raise ValueError(f"unknown toy source {source!r}; expected one of {sorted(SOURCES)}")
+    splits = SOURCES[source].splits
+    if split not in splits:
+        raise ValueError(f"unknown toy split {split!r}; expected one of {sorted(splits)}")
+    size, seed = splits[split]
+    items = stream(seed, exclude, SOURCES[source].families)
     return [next(items) for _ in range(size)]
 
 
-def write_splits(out_dir: str | Path = DATA_DIR) -> dict[str, Path]:
-    """Write test, dev and train (in that order, each disjoint from the ones before) as JSONL."""
-    out_dir = Path(out_dir)
+def write_splits(out_dir: str | Path | None = None, source: str = "toy") -> dict[str, Path]:
+    """Write test, dev and train of `source` (in that order, each disjoint from the ones before) as JSONL."""
+    if source not in SOURCES:
+        raise ValueError(f"unknown toy source {source!r}; expected one of {sorted(SOURCES)}")
+    out_dir = Path(out_dir) if out_dir else SOURCES[source].data_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     taken: set[str] = set()
     paths = {}
     for split in ("test", "dev", "train"):
-        items = make_split(split, taken)
+        items = make_split(split, taken, source)
         taken.update(item.question for item in items)
         paths[split] = out_dir / f"{split}.jsonl"
-        write_jsonl(paths[split], [item.to_row(f"toy-{split}-{i}") for i, item in enumerate(items)])
+        write_jsonl(paths[split], [item.to_row(f"{source}-{split}-{i}", source) for i, item in enumerate(items)])
     return paths
 
 
-def held_out_questions(data_dir: str | Path = DATA_DIR) -> set[str]:
-    """Questions of the shipped dev and test splits, kept out of every training corpus."""
-    return {row["question"] for split in ("dev", "test") for row in read_jsonl(Path(data_dir) / f"{split}.jsonl")}
+def held_out_questions(data_dirs: tuple[str | Path, ...] = tuple(s.data_dir for s in SOURCES.values())) -> set[str]:
+    """Questions of the shipped dev and test splits of every source, kept out of every training corpus."""
+    return {
+        row["question"]
+        for d in data_dirs
+        for split in ("dev", "test")
+        for row in read_jsonl(Path(d) / f"{split}.jsonl")
+    }
 
 
 # --- demonstrations for pretraining --------------------------------------------------------------
