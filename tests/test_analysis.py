@@ -10,6 +10,7 @@ import pytest
 from autocode4math.analysis import (
     all_metrics,
     bootstrap_ci,
+    code_after_text,
     mode_metrics,
     plot_benchmark,
     selection_accuracy,
@@ -173,3 +174,31 @@ def test_all_metrics_and_plot(tmp_path):
 def test_mode_metrics_rejects_empty():
     with pytest.raises(ValueError, match="at least one record"):
         mode_metrics([])
+
+
+CP = "Let's first analyze the problem, then consider if python code could help.\n"
+CODE = "```python\nprint(5 * 237)\n```\n```output\n1185\n```\nThe answer is \\boxed{1185}."
+
+
+@pytest.mark.parametrize(
+    ("prefix", "response", "used_code", "after"),
+    [
+        ("", "4 + 3 = 7.\n7 - 2 = 5.\n" + CP + CODE, True, True),  # the switch, chosen by the model
+        ("4 + 3 = 7.\n7 - 2 = 5.\n" + CP, CODE, True, True),  # a mid-reasoning rollout: the partial forced
+        ("", "7 - 2 = 5.\n" + CODE, True, True),  # text, then code without the prefix
+        (CP, CODE, True, False),  # code mode: the prefix alone before the code
+        ("", CP + CODE, True, False),  # auto mode, code from the start
+        ("", "4 + 3 = 7.\n7 - 2 = 5.\n5 * 237 = 1185.\nThe answer is \\boxed{1185}.", False, False),  # no code
+        ("", "5 = 5.\n```python\nprint(1)\n```", False, False),  # a block that never ran is not code use
+    ],
+)
+def test_code_after_text(prefix, response, used_code, after):
+    record = {"prefix": prefix, "response": response, "used_code": used_code}
+    assert code_after_text(record) is after
+
+
+def test_code_after_text_rate_in_mode_metrics():
+    records = [rec("q1", "auto", True, True), rec("q2", "auto", True, True), rec("q3", "auto", False)]
+    records[0]["response"] = "2 + 2 = 4.\n" + CP + CODE
+    records[1]["response"] = CP + CODE
+    assert mode_metrics(records)["code_after_text_rate"] == pytest.approx(1 / 3)

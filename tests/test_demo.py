@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from typer.testing import CliRunner
 
+from autocode4math.cli import app
 from autocode4math.demo import DemoConfig, code_rate_phases, run_demo, targets, train_config
 
 
@@ -16,6 +18,10 @@ def test_demo_writes_report_metrics_and_figures_and_resumes(tmp_path):
     )
     metrics = run_demo(cfg, progress=False)
     out = tmp_path / "demo"
+    assert metrics["seeds"] == [0] and (out / "seed-0" / "em" / "state.json").exists()
+    assert (out / "test" / "base" / "samples.jsonl").exists()  # the shipped checkpoints: once, not per seed
+    assert set(metrics["em_vs_sft_rl_auto_diff"]) >= {"mean", "ci95"}
+    assert metrics["test_ci"]["em"]["auto_accuracy"]["mean"] == metrics["test"]["em"]["auto_accuracy"]
     for name in ("report.md", "metrics.json", "fig4_accuracy_vs_tokens.png", "fig5_code_rate_distribution.png"):
         assert (out / name).stat().st_size > 0, name
     assert (out / "fig6_modes.png").stat().st_size > 0
@@ -67,3 +73,35 @@ def test_every_method_makes_the_same_number_of_trajectory_passes():
     em, rl = train_config(cfg, "em"), train_config(cfg, "base_rl")
     assert em.mstep.epochs * cfg.per_query == rl.mstep.epochs * 2 * cfg.k == 8
     assert rl.rl_samples == 2 * cfg.k and train_config(cfg, "sft_rl").model == "toy-sft"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--seeds", "0"],
+        ["--set", "em.mstep.no_such_field=1"],
+        ["--set", "source=toy-geometry"],
+        ["--set", "methods=[em,magic]"],
+    ],
+)
+def test_cli_rejects_bad_demo_settings_before_running(tmp_path, args):
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "d"), *args])
+    assert result.exit_code == 2, result.output
+    assert not (tmp_path / "d").exists()
+
+
+def test_several_seeds_test_on_the_whole_split_unless_told():
+    from autocode4math.cli import demo_config
+
+    assert demo_config(False, "", 1, []).test == 200
+    assert demo_config(False, "", 5, []).test == 600 and demo_config(False, "", 5, []).seeds == 5
+    assert demo_config(False, "", 5, ["test=100"]).test == 100
+
+
+def test_em_overrides_and_the_mid_study_configs():
+    cfg = DemoConfig(em={"mstep": {"kl_coef": 0.05}}, source="toy-mid", base_model="toy-mid-base")
+    em, mid, rl = train_config(cfg, "em"), train_config(cfg, "em_mid"), train_config(cfg, "base_rl")
+    assert em.mstep.kl_coef == mid.mstep.kl_coef == 0.05 and rl.mstep.kl_coef == 0.0
+    assert mid.estep.mid_reasoning and not em.estep.mid_reasoning
+    assert em.model == rl.model == "toy-mid-base" and em.queries == "toy-mid" and em.eval.source == "toy-mid:dev"
+    assert em.out.endswith("em") and mid.out.endswith("em_mid")

@@ -104,6 +104,31 @@ def test_advantages_are_normalised_per_query():
     assert adv[4:] == [0.0, 0.0]
 
 
+def mid(qid, partial, plain, coded):
+    """Continuations of `partial`: plain (auto, the partial forced) and with the code prefix after it."""
+    rows = [{**rec(qid, "auto", 100 + i, ok, prefix=partial), "partial": partial} for i, ok in enumerate(plain)]
+    rows += [
+        {**rec(qid, "code", 100 + i, ok, used_code=True, prefix=partial + CP), "partial": partial}
+        for i, ok in enumerate(coded)
+    ]
+    return rows
+
+
+def test_mid_reasoning_states_are_valued_apart_from_their_query():
+    # query a from the start: plain 1, 0, 0, 0, prefixed 0, 0 -> Q = (0.25, 0.0).
+    # from partial "p\n": plain 0, 0, prefixed 1, 1 -> Q = (0, 1). Pooled per query it would be (0.17, 0.5).
+    rows = query("a", [1, 0, 0, 0], [0, 0]) + mid("a", "p\n", [0, 0], [1, 1])
+    q = q_values(rows, CODE_PREFIX)
+    assert q["a"] == {0: 0.25, 1: 0.0} and q["a|p\n"] == {0: 0.0, 1: 1.0}
+    # pi of the partial state from its own plain continuations: 0 of 2 used code -> (0 + 1) / (2 + 2)
+    assert code_prior(rows, 1.0) == {"a": pytest.approx(1 / 6), "a|p\n": pytest.approx(1 / 4)}
+    # advantages within each state: the start state 1,0,0,0,0,0 (mean 1/6); the partial 0,0,1,1 -> -1,-1,+1,+1
+    assert advantages(rows, eps=1e-12)[6:] == pytest.approx([-1, -1, 1, 1])
+    train, audit = subsample(rows, EStepConfig(alpha=4.0, per_query=2, mid_per_state=1))
+    assert [(a["id"], a["partial"], len(a["chosen"])) for a in audit] == [("a", "", 2), ("a", "p\n", 1)]
+    assert len(train) == 3
+
+
 def test_quotas_spread_size_evenly():
     assert quotas(["a", "b", "c"], 4, 0, seed=0) == {"a": 4, "b": 4, "c": 4}
     q = quotas(["a", "b", "c"], 4, 7, seed=0)
@@ -284,12 +309,18 @@ def test_run_estep_mid_reasoning(tmp_path, tiny_tokenizer):
     assert {r["partial"] for r in mid} == {"We multiply the numbers.\n"}
     with_prefix = [r for r in mid if r["mode"] == "code"]
     assert all(r["used_code"] and r["prefix"] == "We multiply the numbers.\n" + CP for r in with_prefix)
-    audit = {a["id"]: a for a in read_jsonl(out / "audit.jsonl")}
-    assert audit["code-wins"]["n"] == {"0": 3, "1": 3}  # 2 plain + 1 mid without prefix; 2 prefix + 1 mid with
+    audit = {(a["id"], a["partial"]): a for a in read_jsonl(out / "audit.jsonl")}
+    assert audit["code-wins", ""]["n"] == {"0": 2, "1": 2}  # the query's own state: 2 plain, 2 prefixed
+    # each partial solution is a state of its own (Q per query and prefix, not pooled with the query's):
+    # from "We multiply the numbers.\n" plain text answers 41 (wrong), the prefix leads to code (42, right)
+    after = audit["code-wins", "We multiply the numbers.\n"]
+    assert after["n"] == {"0": 1, "1": 1} and after["Q"] == {"0": 0.0, "1": 1.0}
+    assert audit["cot-wins", "We multiply the numbers.\n"]["Q"] == {"0": 1.0, "1": 0.0}
     for t in read_jsonl(out / "train.jsonl"):
         if t.get("origin") == "mid":
             assert t["decision_context_ids"] == t["prompt_ids"] + encode(tiny_tokenizer, t["partial"])
-    assert json.loads((out / "summary.json").read_text())["n_train"] == 6
+    # 3 per query from its own state, mid_per_state (2) from each partial solution
+    assert json.loads((out / "summary.json").read_text())["n_train"] == 2 * 3 + 2 * 2
 
 
 @pytest.mark.slow

@@ -87,6 +87,11 @@ def test_constant_matrix_and_seed_interval_edges():
         crossed_interval([])
 
 
+def clip(ci, low):
+    """An interval cut to a rate's range [0, 1] (low 0) or a difference's [-1, 1] (low -1)."""
+    return [max(low, ci[0]), min(1, ci[1])]
+
+
 def rec(q, mode, correct, used_code=False):
     return {"id": q, "mode": mode, "correct": correct, "used_code": used_code}
 
@@ -113,7 +118,9 @@ def test_paired_differences_are_per_question_and_seed():
     diffs = paired_differences(runs)
     # auto: seed 0 [1-0, 1-1, 0-0] = [1, 0, 0]; seed 1 [0, 0, 1]: mean 2/6
     assert diffs["em_vs_rl_auto_diff"]["mean"] == pytest.approx(1 / 3)
-    assert diffs["em_vs_rl_auto_diff"]["ci95"] == pytest.approx(crossed_interval([[1, 0, 0], [0, 0, 1]])["ci95"])
+    assert diffs["em_vs_rl_auto_diff"]["ci95"] == pytest.approx(
+        clip(crossed_interval([[1, 0, 0], [0, 0, 1]])["ci95"], -1)
+    )
     # union: em seed 0 [1, 1, 0], seed 1 [1, 1, 1]; rl seed 0 [1, 0, 0], seed 1 [0, 1, 1] -> [[0, 1, 0], [1, 0, 0]]
     assert diffs["em_vs_rl_union_diff"]["mean"] == pytest.approx(2 / 6)
     assert set(diffs) == {f"em_vs_rl_{f}_diff" for f in ("auto", "cot", "code", "union")}
@@ -128,7 +135,8 @@ def test_auto_vs_best_mode_picks_the_better_mode_per_seed():
     # differences: seed 0 auto - cot = [0, 0, 1]; seed 1 auto - code = [0, -1, 0]
     r = auto_vs_best_mode(per_seed)
     assert r["mean"] == pytest.approx(0.0)
-    assert r["ci95"] == pytest.approx(crossed_interval([[0, 0, 1], [0, -1, 0]])["ci95"])
+    assert r["ci95"] == pytest.approx(clip(crossed_interval([[0, 0, 1], [0, -1, 0]])["ci95"], -1))
+    assert r["ci95"] == [-1.0, 1.0]  # 3 questions: the t-interval is wider than a difference of rates can be
 
 
 def test_mean_curve_bands_only_with_several_seeds():
@@ -177,13 +185,13 @@ def test_aggregate_writes_seeds_intervals_and_differences(tmp_path):
     # EM minus SFT+RL, auto: seed 0 [0, 1, 0, 1], seed 1 [1, -1, 0, 0]: mean 2/8
     diff = m["em_vs_sft_rl_auto_diff"]
     assert diff["mean"] == pytest.approx(2 / 8)
-    assert diff["ci95"] == pytest.approx(crossed_interval([[0, 1, 0, 1], [1, -1, 0, 0]])["ci95"])
+    assert diff["ci95"] == pytest.approx(clip(crossed_interval([[0, 1, 0, 1], [1, -1, 0, 0]])["ci95"], -1))
     # base is the same every seed: EM minus base, cot: seed 0 [0, 0, 0, -1], seed 1 [0, 0, 0, 0]
     assert m["em_vs_base_cot_diff"]["mean"] == pytest.approx(-1 / 8)
     assert m["test"]["em"]["auto_accuracy"] == pytest.approx(5 / 8)
-    em_auto = crossed_interval([[1, 1, 0, 1], [1, 0, 0, 1]])
-    assert m["test_ci"]["em"]["auto_accuracy"]["ci95"] == pytest.approx(em_auto["ci95"])
-    assert em_auto["ci95"][0] < 5 / 8 < em_auto["ci95"][1]
+    em_auto = clip(crossed_interval([[1, 1, 0, 1], [1, 0, 0, 1]])["ci95"], 0)
+    assert m["test_ci"]["em"]["auto_accuracy"]["ci95"] == pytest.approx(em_auto)
+    assert 0 <= em_auto[0] < 5 / 8 < em_auto[1] <= 1
     assert m["targets"]["em_vs_sft_rl_auto"]["ci95"] == diff["ci95"]
     assert "selection_accuracy" not in m["test_ci"]["base"]  # a shipped model: no seed variation to show
     assert m["code_rate_extremes"] == {"em": {"iteration 1": 0.5}, "sft_rl": {"iteration 1": 1.0}}

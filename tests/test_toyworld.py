@@ -169,3 +169,106 @@ def test_sft_corpus_can_keep_the_prompted_modes_in_practice():
     assert toyworld.sft_corpus(50, seed=5) == toyworld.sft_corpus(50, seed=5, mode_share=0.0)
     with pytest.raises(ValueError):
         toyworld.sft_corpus(5, seed=5, mode_share=1.5)
+
+
+# --- the mid family (source toy-mid): text first, then code for the product ----------------------------------
+
+
+def _mid_items(n_per_difficulty: int = 40, seed: int = 7):
+    rng = random.Random(seed)
+    return [toyworld.generate("mid", d, rng) for d in toyworld.DIFFICULTIES for _ in range(n_per_difficulty)]
+
+
+def test_mid_cot_is_one_step_per_line_ending_in_the_product():
+    for item in _mid_items():
+        lines = toyworld.write_cot(item).split("\n")
+        assert lines[-1] == f"The answer is \\boxed{{{item.answer}}}."
+        assert len(lines) == item.difficulty + 2  # one line per event, the product, the answer
+        for a, op, b, c in (STEP.fullmatch(line).groups() for line in lines[:-2]):
+            assert eval(f"{a} {op} {b}") == int(c) >= 2, item.question  # noqa: S307 - digits and one operator
+        product = lines[-2].removesuffix(".").split(" = ")
+        assert all(eval(side) == item.answer for side in product), lines[-2]  # noqa: S307 - digits, +, *
+        count = item.answer // item.spec["per"]
+        assert product[0] == f"{item.spec['per']} * {count}" and count == item.spec["count"]
+
+
+def test_mid_switch_is_the_story_in_text_then_code_for_the_product():
+    for item in _mid_items(20):
+        switch = toyworld.write_switch(item)
+        head, _, code = switch.partition(CODE_PREFIX + "\n")
+        assert head == toyworld.switch_text(item) and head.count("\n") == item.difficulty
+        assert toyworld.write_cot(item).startswith(head)  # the same text as the CoT up to the product
+        match = CODE_FORMAT.match(code)
+        assert match and match.group(1) == f"print({item.spec['count']} * {item.spec['per']})"
+        assert match.group(2) == match.group(3) == str(item.answer)
+    with pytest.raises(ValueError, match="mid"):
+        toyworld.switch_text(toyworld.generate("story", 1, random.Random(0)))
+
+
+def test_mid_program_states_the_whole_story():
+    spec = {"start": 4, "events": [("found", 3), ("given", 2), ("found", 1)], "per": 237, "unit": "boxes", "count": 6}
+    item = toyworld.ToyItem("mid", 3, "q", 6 * 237, spec)
+    code = CODE_FORMAT.match(toyworld.write_code(item)).group(1)
+    assert code.splitlines() == [
+        "boxes = 4",
+        "found = 3",
+        "given = 2",
+        "found_2 = 1",
+        "print((boxes + found - given + found_2) * 237)",
+    ]
+
+
+def test_mid_questions_read_as_stories_about_containers():
+    for item in _mid_items(10):
+        q = item.question
+        assert q.count("Then") == item.difficulty and " holds " in q and q.endswith("have now?")
+        assert str(item.spec["per"]) in q and item.answer == item.spec["count"] * item.spec["per"]
+    questions = [i.question for i in _mid_items(60, seed=3)]
+    assert any(re.search(r" 1 (box|bag|pack|jar)\b", q) for q in questions)  # one container: singular
+    assert not any(re.search(r" 1 (boxes|bags|packs|jars)\b", q) for q in questions)
+
+
+def test_toy_mid_splits_are_shipped_and_disjoint_from_everything(tmp_path):
+    toyworld.write_splits(tmp_path, source="toy-mid")
+    shipped_dir = toyworld.SOURCES["toy-mid"].data_dir
+    main = {
+        row["question"]
+        for split in ("train", "dev", "test")
+        for row in read_jsonl(toyworld.DATA_DIR / f"{split}.jsonl")
+    }
+    seen: set[str] = set()
+    for split, (size, _) in toyworld.SOURCES["toy-mid"].splits.items():
+        rows = list(read_jsonl(shipped_dir / f"{split}.jsonl"))
+        assert rows == list(read_jsonl(tmp_path / f"{split}.jsonl")) and len(rows) == size
+        assert {r["benchmark"] for r in rows} == {"toy-mid"} and {r["meta"]["family"] for r in rows} == {"mid"}
+        assert rows[0]["id"] == f"toy-mid-{split}-0"
+        questions = {r["question"] for r in rows}
+        assert len(questions) == size and not questions & seen and not questions & main
+        seen |= questions
+    held_out = toyworld.held_out_questions()
+    assert {r["question"] for r in read_jsonl(shipped_dir / "test.jsonl")} <= held_out
+    with pytest.raises(ValueError, match="unknown toy source"):
+        toyworld.make_split("test", source="toy-geometry")
+
+
+def _is_mid(prompt: str) -> bool:
+    return "Then" in prompt and " holds " in prompt  # stories have no "holds", mul questions no "Then"
+
+
+def test_base_corpus_with_mid_problems():
+    mix = toyworld.BaseMix(mid_share=0.5)
+    corpus = toyworld.base_corpus(1200, seed=3, mix=mix, exclude=toyworld.held_out_questions())
+    mid = [d for d in corpus if _is_mid(d.prompt)]
+    assert 0.4 < len(mid) / len(corpus) < 0.6
+    forced = [d for d in mid if d.prefix and d.prefix != CODE_PREFIX + "\n"]
+    assert forced and all(
+        d.prefix.endswith(".\n" + CODE_PREFIX + "\n") and d.response.startswith("```python") for d in forced
+    )
+    programs = [d for d in mid if d.prefix == CODE_PREFIX + "\n"]
+    assert len(programs) < 0.25 * len(forced)  # programs of the whole story are as rare as story programs
+    chosen = [d for d in mid if not d.prefix and "```python" in d.response]
+    assert all(not d.response.startswith(CODE_PREFIX) and CODE_PREFIX in d.response for d in chosen)
+    assert len(chosen) < 0.06 * len([d for d in mid if _mode(d) == "auto"])
+    plain = toyworld.base_corpus(200, seed=3)
+    assert plain == toyworld.base_corpus(200, seed=3, mix=toyworld.BaseMix(mid_share=0.0))
+    assert not any(_is_mid(d.prompt) for d in plain)

@@ -6,9 +6,14 @@ Each command's options are its function's signature and its help is the docstrin
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import typer
 
 from autocode4math import __version__
+
+if TYPE_CHECKING:
+    from autocode4math.demo import DemoConfig
 
 app = typer.Typer(
     name="autocode",
@@ -294,20 +299,29 @@ def demo_cmd(
     overrides: list[str] = typer.Option([], "--set", help="Dotted DemoConfig overrides, e.g. --set iterations=3."),
 ) -> None:
     """The toy study: EM vs Base+RL, SFT, SFT+RL from the shipped checkpoints; report.md, metrics.json, plots."""
-    from autocode4math.config import ConfigError, from_dict, parse_overrides, to_dict
-    from autocode4math.demo import DemoConfig, run_demo
+    from autocode4math.config import ConfigError
+    from autocode4math.demo import run_demo
 
-    base = DemoConfig.full() if full else DemoConfig()
-    sized = {"seeds": seeds, **({"test": 600} if seeds > 1 else {})}
     try:
-        given = {**parse_overrides(overrides), **({"out": out} if out else {})}
-        cfg = from_dict(DemoConfig, {**to_dict(base), **sized, **given})
+        cfg = demo_config(full, out, seeds, overrides)
     except ConfigError as e:
         raise typer.BadParameter(str(e)) from None
     metrics = run_demo(cfg)
     typer.echo(f"report: {cfg.out}/report.md ({metrics['seconds']:.0f} s)")
     for name, t in metrics["targets"].items():
         typer.echo(f"  {name}: {'met' if t['met'] else 'NOT met'}")
+
+
+def demo_config(full: bool, out: str, seeds: int, overrides: list[str]) -> DemoConfig:
+    """The DemoConfig of `autocode demo`: the default or --full sizes, the seeds (several also test on the whole
+    600-question split), then --set overrides and --out, which win."""
+    from autocode4math.config import from_dict, parse_overrides, to_dict
+    from autocode4math.demo import DemoConfig
+
+    base = DemoConfig.full() if full else DemoConfig()
+    sized = {"seeds": seeds, **({"test": 600} if seeds > 1 else {})}
+    given = {**parse_overrides(overrides), **({"out": out} if out else {})}
+    return from_dict(DemoConfig, {**to_dict(base), **sized, **given})
 
 
 # --- performance (bench rollout, bench train) ---

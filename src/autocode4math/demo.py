@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from autocode4math.analysis import seed_interval
+from autocode4math.benchmarks import TOY_SOURCES
 from autocode4math.config import save_config, with_overrides
 from autocode4math.em import DevEval, TrainConfig, flatten_metrics, resolve_model, train
 from autocode4math.estep import EStepConfig
@@ -38,8 +39,16 @@ from autocode4math.seeds import (
     summarise,
 )
 
-RUNS = {"em": ("em", "toy-base"), "base_rl": ("rl", "toy-base"), "sft_rl": ("rl", "toy-sft")}
-LABELS = {"em": "EM (ours)", "base_rl": "Base+RL", "sft_rl": "SFT+RL", "sft": "SFT"}
+RUNS = {"em": ("em", "base"), "em_mid": ("em", "base"), "base_rl": ("rl", "base"), "sft_rl": ("rl", "toy-sft")}
+"""Trained methods: (em.train method, starting checkpoint; `base` is DemoConfig.base_model)."""
+LABELS = {
+    "em": "EM (ours)",
+    "em_mid": "EM + mid-reasoning",
+    "base_rl": "Base+RL",
+    "sft_rl": "SFT+RL",
+    "sft": "SFT",
+    "base": "base",
+}
 
 
 @dataclass
@@ -71,8 +80,13 @@ class DemoConfig:
     seeds: int = 1
     """Training seeds: the study runs for seed, seed + 1, ... and reports means with 95% intervals."""
     methods: list[str] = field(default_factory=lambda: ["em", "base_rl", "sft_rl", "sft"])
+    """em, em_mid (EM with mid-reasoning rollouts, estep.mid_reasoning), base_rl, sft_rl, sft."""
     em: dict[str, Any] = field(default_factory=dict)
-    """Overrides of EM's TrainConfig on top of the above, e.g. `--set em.mstep.cot_anchor_weight=0`."""
+    """Overrides of EM's TrainConfig (em and em_mid) on top of the above, e.g. `--set em.mstep.kl_coef=0.05`."""
+    source: str = "toy"
+    """Toy source of the training queries and the dev and test questions: toy, or toy-mid (the mid family)."""
+    base_model: str = "toy-base"
+    """Checkpoint EM and Base+RL start from, also evaluated as `base` (the mid study: toy-mid-base)."""
 
     def __post_init__(self) -> None:
         unknown = set(self.methods) - set(LABELS)
@@ -81,6 +95,8 @@ class DemoConfig:
         for name in ("iterations", "queries", "k", "per_query", "dev", "test", "epochs", "seeds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.source not in TOY_SOURCES:
+            raise ValueError(f"source must be one of {TOY_SOURCES}, got {self.source!r}")
         if self.em:
             train_config(self, "em")  # unknown or bad EM overrides fail here, before anything runs
 
@@ -92,20 +108,23 @@ class DemoConfig:
 
 
 def train_config(config: DemoConfig, method: str) -> TrainConfig:
-    """The em.train configuration of one RL method of the study (EM with `config.em`'s overrides)."""
+    """The em.train configuration of one trained method of the study (EM with `config.em`'s overrides)."""
     base = _train_config(config, method)
-    return with_overrides(base, config.em) if method == "em" and config.em else base
+    if method == "em_mid":
+        base = dataclasses.replace(base, estep=dataclasses.replace(base.estep, mid_reasoning=True))
+    return with_overrides(base, config.em) if RUNS[method][0] == "em" and config.em else base
 
 
 def _train_config(config: DemoConfig, method: str) -> TrainConfig:
     algo, start = RUNS[method]
+    start = config.base_model if start == "base" else start
     rollout = RolloutConfig(
         max_new_tokens=config.max_new_tokens, temperature=1.0, top_p=0.9, seed=config.seed, max_active=256
     )
     return TrainConfig(
         method=algo,
         model=start,
-        queries="toy",
+        queries=config.source,
         queries_limit=config.queries,
         iterations=config.iterations,
         out=str(Path(config.out) / method),
@@ -127,7 +146,10 @@ def _train_config(config: DemoConfig, method: str) -> TrainConfig:
             seed=config.seed,
         ),
         eval=DevEval(
-            source="toy:dev", limit=config.dev, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size
+            source=f"{config.source}:dev",
+            limit=config.dev,
+            max_new_tokens=config.max_new_tokens,
+            batch_size=config.batch_size,
         ),
     )
 
@@ -149,7 +171,7 @@ def evaluate(config: DemoConfig, model: str, source: str, out: Path, progress: b
         benchmarks=[source],
         n=1,
         temperature=0.0,
-        limit=config.test if source == "toy:test" else config.dev,
+        limit=config.test if source.endswith(":test") else config.dev,
         out=str(out),
         max_new_tokens=config.max_new_tokens,
         batch_size=config.batch_size,
@@ -169,16 +191,17 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict[str, Any]:
     save_config(config, out / "demo_config.yaml")
     started = time.monotonic()
     studies = [run_seed(config, seed, progress) for seed in seed_list(config)]
-    fixed = {"base": resolve_model("toy-base")} | ({"sft": resolve_model("toy-sft")} if "sft" in config.methods else {})
+    fixed = {"base": resolve_model(config.base_model)}
+    fixed |= {"sft": resolve_model("toy-sft")} if "sft" in config.methods else {}
     for name, model in fixed.items():
-        test = evaluate(config, model, "toy:test", out / "test" / name, progress)
+        test = evaluate(config, model, f"{config.source}:test", out / "test" / name, progress)
         for study in studies:
             study["test"][name], study["samples"][name] = test, out / "test" / name / "samples.jsonl"
     sft_dev = None
     if "sft_rl" in config.methods:  # SFT+RL's iteration 0 is the SFT checkpoint on the same dev questions
         sft_dev = studies[0]["curves"]["sft_rl"][0]
     elif "sft" in config.methods:
-        sft_dev = evaluate(config, fixed["sft"], "toy:dev", out / "sft" / "dev", progress)
+        sft_dev = evaluate(config, fixed["sft"], f"{config.source}:dev", out / "sft" / "dev", progress)
     metrics = aggregate(config, studies, round(time.monotonic() - started, 1), sft_dev)
     write_json(out / "metrics.json", metrics)
     plot_all(metrics, out)
@@ -195,7 +218,10 @@ def run_seed(config: DemoConfig, seed: int, progress: bool) -> dict[str, Any]:
     d = Path(config.out) / f"seed-{seed}"
     one = dataclasses.replace(config, seed=seed, out=str(d))
     curves = {m: train(train_config(one, m), progress=progress) for m in config.methods if m in RUNS}
-    test = {m: evaluate(one, rows[-1]["model"], "toy:test", d / "test" / m, progress) for m, rows in curves.items()}
+    test = {
+        m: evaluate(one, rows[-1]["model"], f"{config.source}:test", d / "test" / m, progress)
+        for m, rows in curves.items()
+    }
     samples = {m: d / "test" / m / "samples.jsonl" for m in curves}
     phases = {m: code_rate_phases(d / m, samples[m]) for m in ("em", "sft_rl") if m in curves}
     return {"seed": seed, "curves": curves, "test": test, "samples": samples, "phases": phases}
@@ -210,6 +236,9 @@ def aggregate(
     diffs = paired_differences(records)
     if "em" in records:
         diffs["em_auto_vs_best_mode_diff"] = auto_vs_best_mode(records["em"])
+    if "em" in records and "em_mid" in records:  # what mid-reasoning rollouts add, and how code starts
+        mid = {"em_mid": records["em_mid"], "em": records["em"]}
+        diffs |= paired_differences(mid, "em_mid", figures=("auto_accuracy", "auto_code_after_text_rate"))
     for method in studies[0]["curves"]:  # trained models only: the shipped ones do not vary with the seed
         selection = [s["test"][method]["selection_accuracy"] for s in studies]
         if None not in selection:
@@ -238,11 +267,11 @@ def aggregate(
 
 
 def _mean_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Numeric entries averaged over seeds (None if any seed lacks them); others taken from the first row."""
+    """Numeric entries that differ between seeds averaged (None if any seed lacks them); others from the first."""
     out = dict(rows[0])
     for key, value in rows[0].items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            values = [r.get(key) for r in rows]
+        values = [r.get(key) for r in rows]
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and len(set(values)) > 1:
             out[key] = None if None in values else sum(values) / len(values)
     return out
 
@@ -344,7 +373,7 @@ def plot_all(metrics: dict[str, Any], out: Path) -> None:
     for j, key in enumerate(["auto_accuracy", "cot_accuracy", "code_accuracy", "union"]):
         xs = [i + (j - 1.5) * width for i in range(len(names))]
         ax.bar(xs, [100 * (metrics["test"][n][key] or 0) for n in names], width, label=key.replace("_accuracy", ""))
-    ax.set_xticks(range(len(names)), [LABELS.get(n, n) for n in names])
+    ax.set_xticks(range(len(names)), [_label(n, metrics) for n in names])
     ax.set(ylabel="test accuracy (%)", title="Modes on the toy test split")
     ax.legend()
     fig.tight_layout()
@@ -403,6 +432,10 @@ def _with_ci(mean: float | None, interval: dict[str, Any] | None) -> str:
     return f"{_pct(mean)} [{_pct(lo)}, {_pct(hi)}]"
 
 
+def _label(name: str, metrics: dict[str, Any]) -> str:
+    return metrics["config"]["base_model"] if name == "base" else LABELS.get(name, name)
+
+
 def render_report(metrics: dict[str, Any]) -> str:
     """report.md: the test table with intervals, paired differences, targets, per-seed figures, dev curves."""
     seeds = metrics["seeds"]
@@ -417,19 +450,31 @@ def render_report(metrics: dict[str, Any]) -> str:
         "| model | auto | cot | code | union | selection acc. | code use (auto) | code use (code mode) |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    after_text = any(m.get("auto_code_after_text_rate") for m in metrics["test"].values())
+    if after_text:  # code that starts after a line of text: the mid-reasoning measure
+        lines[-2:] = [lines[-2] + " code after text (auto) |", lines[-1] + "---|"]
     for name, m in metrics["test"].items():
         ci = metrics["test_ci"].get(name, {})
         cells = [_with_ci(m[k], ci.get(k)) for k in QUESTION_FIGURES[:4]]
         cells += [_with_ci(m["selection_accuracy"], ci.get("selection_accuracy"))]
         cells += [_with_ci(m["auto_code_use_rate"], ci.get("auto_code_use_rate")), _pct(m["code_code_use_rate"])]
-        lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + " |")
+        if after_text:
+            cells.append(_with_ci(m["auto_code_after_text_rate"], ci.get("auto_code_after_text_rate")))
+        lines.append(f"| {_label(name, metrics)} | " + " | ".join(cells) + " |")
     lines += ["", "## Paired differences: EM minus each model, per question and seed", ""]
     lines += ["| EM minus | auto | cot | code | union |", "|---|---|---|---|---|"]
     for name in metrics["test"]:
         keys = [f"em_vs_{name}_{f}_diff" for f in ("auto", "cot", "code", "union")]
         if all(k in metrics for k in keys):
             cells = [_with_ci(metrics[k]["mean"], metrics[k]) for k in keys]
-            lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + " |")
+            lines.append(f"| {_label(name, metrics)} | " + " | ".join(cells) + " |")
+    mid = [k for k in ("em_mid_vs_em_auto_diff", "em_mid_vs_em_auto_code_after_text_rate_diff") if k in metrics]
+    if mid:
+        lines += ["", "## EM + mid-reasoning minus EM, per question and seed", ""]
+        lines += [
+            f"- {k.removeprefix('em_mid_vs_em_').removesuffix('_diff')}: {_with_ci(metrics[k]['mean'], metrics[k])}"
+            for k in mid
+        ]
     lines += ["", "## Targets", ""]
     for name, t in metrics["targets"].items():
         figures = ", ".join(
@@ -447,7 +492,7 @@ def render_report(metrics: dict[str, Any]) -> str:
         for row in metrics["per_seed"]:
             for name, m in row["test"].items():
                 figures = [m[k] for k in (*QUESTION_FIGURES[:4], "selection_accuracy")]
-                lines.append(f"| {row['seed']} | {LABELS.get(name, name)} | " + " | ".join(map(_pct, figures)) + " |")
+                lines.append(f"| {row['seed']} | {_label(name, metrics)} | " + " | ".join(map(_pct, figures)) + " |")
     lines += ["", "## Dev accuracy (auto) by iteration, mean over seeds", ""]
     lines += ["| method | iteration | generated tokens | auto |", "|---|---|---|---|"]
     for method, rows in metrics["curves"].items():

@@ -68,6 +68,8 @@ class EStepConfig:
     """Partial solutions cut per query (from finished auto-mode trajectories without code)."""
     mid_k: int = 2
     """Continuations per partial solution and decision."""
+    mid_per_state: int = 2
+    """Training trajectories drawn per partial solution (each is its own state with its own Q, pi and s*)."""
     backend: str = "hf"
     """Rollout backend when `model` is a path: hf, openai or vllm."""
     batch_size: int = 16
@@ -78,7 +80,7 @@ class EStepConfig:
     """Prompt template and code prefix."""
 
     def __post_init__(self) -> None:
-        for name in ("k", "per_query", "n_auto", "mid_per_query", "mid_k", "batch_size"):
+        for name in ("k", "per_query", "n_auto", "mid_per_query", "mid_k", "mid_per_state", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.size < 0:
@@ -105,23 +107,32 @@ def decision_of(record: dict[str, Any], code_prefix: str) -> int:
     return int(_code_prefixed(record, code_prefix) or bool(record["used_code"]))
 
 
+def state_of(record: dict[str, Any]) -> str:
+    """The decision point a rollout starts from: its query id, or for a mid-reasoning rollout the query id
+    and the partial solution y<t it continues (`id|y<t`). Q, pi, s* and the advantage are per state."""
+    partial = record.get("partial", "")
+    return f"{record['id']}|{partial}" if partial else str(record["id"])
+
+
 def q_values(records: Sequence[dict[str, Any]], code_prefix: str) -> dict[str, dict[int, float | None]]:
-    """Q(x, c): success rate of each decision per query id; None where no rollout took that decision."""
+    """Q(x, c): success rate of each decision per state (`state_of`: the query id, plus the partial solution
+    for mid-reasoning rollouts); None where no rollout took that decision."""
     counts: dict[str, list[list[int]]] = defaultdict(lambda: [[0, 0], [0, 0]])
     for r in records:
-        cell = counts[str(r["id"])][decision_of(r, code_prefix)]
+        cell = counts[state_of(r)][decision_of(r, code_prefix)]
         cell[0] += int(bool(r["correct"]))
         cell[1] += 1
     return {qid: {c: (ok / n if n else None) for c, (ok, n) in enumerate(cells)} for qid, cells in counts.items()}
 
 
 def code_prior(records: Sequence[dict[str, Any]], prior: float = 1.0) -> dict[str, float]:
-    """pi(c=1|x) per query id from auto-mode rollouts without a forced prefix, Beta(prior, prior) smoothed."""
+    """pi(c=1|x) per state from its auto-mode rollouts (no code prefix forced; a mid-reasoning one continues its
+    partial solution), Beta(prior, prior) smoothed."""
     counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for r in records:
-        if r["mode"] == "auto" and not r["prefix"]:
-            counts[str(r["id"])][0] += int(bool(r["used_code"]))
-            counts[str(r["id"])][1] += 1
+        if r["mode"] == "auto":
+            counts[state_of(r)][0] += int(bool(r["used_code"]))
+            counts[state_of(r)][1] += 1
     out = {}
     for qid, (k, n) in counts.items():
         if n + 2 * prior == 0:
@@ -145,16 +156,17 @@ def reference_strategy(pi_code: float, q: dict[int, float | None], alpha: float)
 
 
 def advantages(records: Sequence[dict[str, Any]], eps: float = 1e-6) -> list[float]:
-    """Query-wise normalised reward: (r - mean_x) / (std_x + eps), r = correct in {0, 1}, std over the query."""
+    """State-wise normalised reward: (r - mean_x) / (std_x + eps), r = correct in {0, 1}, over the rollouts of
+    the same state (`state_of`: a query, or a query's partial solution)."""
     groups: dict[str, list[float]] = defaultdict(list)
     for r in records:
-        groups[str(r["id"])].append(float(bool(r["correct"])))
+        groups[state_of(r)].append(float(bool(r["correct"])))
     stats = {}
-    for qid, rewards in groups.items():
+    for key, rewards in groups.items():
         mean = sum(rewards) / len(rewards)
         std = math.sqrt(sum((x - mean) ** 2 for x in rewards) / len(rewards))
-        stats[qid] = (mean, std)
-    return [(float(bool(r["correct"])) - stats[str(r["id"])][0]) / (stats[str(r["id"])][1] + eps) for r in records]
+        stats[key] = (mean, std)
+    return [(float(bool(r["correct"])) - stats[state_of(r)][0]) / (stats[state_of(r)][1] + eps) for r in records]
 
 
 def _weighted_sample(items: Sequence[int], weights: Sequence[float], n: int, rng: random.Random) -> list[int]:
@@ -175,34 +187,38 @@ def quotas(query_ids: Sequence[str], per_query: int, size: int, seed: int) -> di
 def subsample(
     records: Sequence[dict[str, Any]], config: EStepConfig
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Draw the training set with the weights of Eq. 5; return (training records, audit rows per query).
+    """Draw the training set with the weights of Eq. 5; return (training records, audit rows per state).
 
-    A trajectory y of query x with decision c gets weight s*(c|x) / |D(x, c)|: choosing c by s* and
-    then a trajectory of that decision uniformly. Training records are the rollout records plus
-    `c`, `advantage` and `key`.
+    A trajectory y from state x (a query, or a query's partial solution) with decision c gets weight
+    s*(c|x) / |D(x, c)|: choosing c by s* and then a trajectory of that decision uniformly. A query's own
+    state gets `per_query` (or its share of `size`) trajectories, each mid-reasoning state `mid_per_state`.
+    Training records are the rollout records plus `c`, `advantage` and `key`.
     """
     code_prefix = config.prompt.code_prefix
     q, pi = q_values(records, code_prefix), code_prior(records, config.pi_prior)
     adv = advantages(records, config.adv_eps)
-    by_query: dict[str, list[int]] = defaultdict(list)
+    by_state: dict[str, list[int]] = defaultdict(list)
     for i, r in enumerate(records):
-        by_query[str(r["id"])].append(i)
-    quota = quotas(sorted(by_query), config.per_query, config.size, config.seed)
+        by_state[state_of(r)].append(i)
+    starts = sorted({str(r["id"]) for r in records})
+    quota = quotas(starts, config.per_query, config.size, config.seed)
     train, audit = [], []
-    for qid in sorted(by_query):
-        idx = by_query[qid]
-        pi1 = pi.get(qid, 0.5 if config.pi_prior > 0 else 0.0)
-        s = reference_strategy(pi1, q[qid], config.alpha)
+    for state in sorted(by_state):
+        idx = by_state[state]
+        pi1 = pi.get(state, 0.5 if config.pi_prior > 0 else 0.0)
+        s = reference_strategy(pi1, q[state], config.alpha)
         cs = {i: decision_of(records[i], code_prefix) for i in idx}
         sizes = [sum(c == d for c in cs.values()) for d in (0, 1)]
         weights = [s[cs[i]] / sizes[cs[i]] for i in idx]
-        chosen = _weighted_sample(idx, weights, quota[qid], random.Random(f"{config.seed}/{qid}"))
+        n = quota.get(state, config.mid_per_state)
+        chosen = _weighted_sample(idx, weights, n, random.Random(f"{config.seed}/{state}"))
         for i in chosen:
             train.append({**records[i], "c": cs[i], "advantage": adv[i], "key": record_key(records[i])})
         audit.append(
             {
-                "id": qid,
-                "Q": {str(c): v for c, v in q[qid].items()},
+                "id": str(records[idx[0]]["id"]),
+                "partial": records[idx[0]].get("partial", ""),
+                "Q": {str(c): v for c, v in q[state].items()},
                 "pi_code": pi1,
                 "s_star": {str(c): v for c, v in s.items()},
                 "n": {str(c): n for c, n in enumerate(sizes)},

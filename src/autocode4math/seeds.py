@@ -20,14 +20,21 @@ from typing import Any
 
 import numpy as np
 
-from autocode4math.analysis import crossed_interval, per_question
+from autocode4math.analysis import code_after_text, crossed_interval, per_question
 
-QUESTION_FIGURES = ("auto_accuracy", "cot_accuracy", "code_accuracy", "union", "auto_code_use_rate")
+QUESTION_FIGURES = (
+    "auto_accuracy",
+    "cot_accuracy",
+    "code_accuracy",
+    "union",
+    "auto_code_use_rate",
+    "auto_code_after_text_rate",
+)
 """Figures that are means over test questions, so they get the crossed interval."""
 INTERVAL_METHOD = (
     "mean over seeds and test questions; 95% interval with seeds and questions as crossed random factors "
-    "(two-way mean squares, Satterthwaite degrees of freedom); selection accuracy and dev curves: "
-    "t-interval over the per-seed values"
+    "(two-way mean squares, Satterthwaite degrees of freedom), cut to the figure's range; selection "
+    "accuracy and dev curves: t-interval over the per-seed values"
 )
 
 
@@ -37,6 +44,8 @@ def question_figures(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, f
     out = {f"{m}_accuracy": per_question(rs) for m, rs in by_mode.items() if rs}
     if by_mode["auto"]:
         out["auto_code_use_rate"] = per_question(by_mode["auto"], "used_code")
+        after = [{"id": r["id"], "after": code_after_text(r)} for r in by_mode["auto"]]
+        out["auto_code_after_text_rate"] = per_question(after, "after")
     if by_mode["cot"] and by_mode["code"]:
         cot, code = out["cot_accuracy"], out["code_accuracy"]
         out["union"] = {q: max(cot[q], code[q]) for q in cot.keys() & code.keys()}
@@ -62,15 +71,25 @@ def summarise(runs: dict[str, Sequence[Sequence[dict[str, Any]]]]) -> dict[str, 
     for model, per_seed in runs.items():
         tables = [question_figures(records) for records in per_seed]
         figures = [f for f in QUESTION_FIGURES if all(f in t for t in tables)]
-        out[model] = {f: crossed_interval(figure_matrix([t[f] for t in tables])) for f in figures}
+        out[model] = {f: _clipped(crossed_interval(figure_matrix([t[f] for t in tables])), 0.0) for f in figures}
     return out
 
 
+def _clipped(interval: dict[str, Any], low: float) -> dict[str, Any]:
+    """The interval cut to the figure's range: [0, 1] for a rate, [-1, 1] for a difference of rates."""
+    if interval["ci95"] is not None:
+        interval["ci95"] = [max(low, interval["ci95"][0]), min(1.0, interval["ci95"][1])]
+    return interval
+
+
 def paired_differences(
-    runs: dict[str, Sequence[Sequence[dict[str, Any]]]], reference: str = "em"
+    runs: dict[str, Sequence[Sequence[dict[str, Any]]]],
+    reference: str = "em",
+    figures: Sequence[str] = ("auto_accuracy", "cot_accuracy", "code_accuracy", "union"),
 ) -> dict[str, dict[str, Any]]:
-    """`{reference}_vs_{model}_{mode}_diff` (mode: auto, cot, code, union) for every other model:
-    the crossed interval of reference minus model, per seed and question. Both need the same seed count."""
+    """`{reference}_vs_{model}_{figure}_diff` (figure without `_accuracy`: auto, cot, code, union) for every
+    other model: the crossed interval of reference minus model, per seed and question. Both need the same
+    number of seeds."""
     if reference not in runs:
         return {}
     ref = [question_figures(records) for records in runs[reference]]
@@ -81,10 +100,12 @@ def paired_differences(
         if len(per_seed) != len(ref):
             raise ValueError(f"{model} has {len(per_seed)} seeds, {reference} has {len(ref)}")
         other = [question_figures(records) for records in per_seed]
-        for figure in ("auto_accuracy", "cot_accuracy", "code_accuracy", "union"):
+        for figure in figures:
             if all(figure in t for t in ref + other):
                 diff = _difference([t[figure] for t in ref], [t[figure] for t in other])
-                out[f"{reference}_vs_{model}_{figure.removesuffix('_accuracy')}_diff"] = crossed_interval(diff)
+                out[f"{reference}_vs_{model}_{figure.removesuffix('_accuracy')}_diff"] = _clipped(
+                    crossed_interval(diff), -1.0
+                )
     return out
 
 
@@ -94,7 +115,7 @@ def auto_vs_best_mode(per_seed: Sequence[Sequence[dict[str, Any]]]) -> dict[str,
     best = [
         max(t["cot_accuracy"], t["code_accuracy"], key=lambda table: sum(table.values()) / len(table)) for t in tables
     ]
-    return crossed_interval(_difference([t["auto_accuracy"] for t in tables], best))
+    return _clipped(crossed_interval(_difference([t["auto_accuracy"] for t in tables], best)), -1.0)
 
 
 def _difference(a: Sequence[dict[str, float]], b: Sequence[dict[str, float]]) -> np.ndarray:

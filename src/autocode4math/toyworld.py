@@ -435,9 +435,15 @@ class BaseMix:
     story_code_share: float = 0.1
     """Chance that a story problem drawn for a code demo keeps it (else it becomes a cot demo):
     programs for stories are rare in the corpus, as code for word problems is in real corpora."""
+    mid_share: float = 0.0
+    """Share of demos drawn from the mid family (source toy-mid); 0 leaves the corpus exactly as before."""
+    mid_switch_share: float = 0.5
+    """Share of mid code-mode demos whose forced prefix is the story's text plus the code prefix (the model
+    learns to write code after text it is given); the rest force the code prefix alone and are programs of
+    the whole story, kept as rarely as story programs (`story_code_share`)."""
 
     def __post_init__(self) -> None:
-        for name in ("auto_share", "cot_share", "auto_code_rate", "story_code_share"):
+        for name in ("auto_share", "cot_share", "auto_code_rate", "story_code_share", "mid_share", "mid_switch_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"BaseMix.{name} must be in [0, 1], got {getattr(self, name)}")
         if self.auto_share + self.cot_share > 1.0:
@@ -456,19 +462,40 @@ def demo(item: ToyItem, mode: str, use_code: bool) -> Demo:
 
 
 def base_corpus(n: int, seed: int, mix: BaseMix | None = None, exclude: set[str] | None = None) -> list[Demo]:
-    """The base model's corpus: mostly CoT, code mostly behind the forced prefix, story code rare."""
+    """The base model's corpus: mostly CoT, code mostly behind the forced prefix, story code rare; with
+    `mix.mid_share`, mid problems too (`mid_demo`)."""
     mix = mix or BaseMix()
     rng = random.Random(seed + 1)
     items = stream(seed, exclude)
+    mids = stream(seed + 2, exclude, ("mid",)) if mix.mid_share else None  # no extra draws without mid problems
     out = []
     while len(out) < n:
-        item, r = next(items), rng.random()
+        item = next(mids) if mids is not None and rng.random() < mix.mid_share else next(items)
+        r = rng.random()
         mode = "auto" if r < mix.auto_share else "cot" if r < mix.auto_share + mix.cot_share else "code"
         use_code = mode == "code" or (mode == "auto" and rng.random() < mix.auto_code_rate)
+        if use_code and item.family == "mid":
+            out.append(mid_demo(item, mode, rng, mix))
+            continue
         if use_code and item.family == "story" and rng.random() >= mix.story_code_share:
             mode, use_code = "cot", False
         out.append(demo(item, mode, use_code))
     return out
+
+
+def mid_demo(item: ToyItem, mode: str, rng: random.Random, mix: BaseMix) -> Demo:
+    """A code demo of a mid problem: in auto mode the switch chosen unprompted (text, then the code prefix and
+    code: rare, like all unprompted code); in code mode the switch point forced (`mix.mid_switch_share`), else
+    a program of the whole story after the code prefix (rare), else a CoT demo."""
+    prompt = build_prompt(item.question, mode)
+    if mode == "auto":
+        return Demo(prompt.text, "", write_switch(item))
+    if rng.random() < mix.mid_switch_share:
+        head = switch_text(item) + CODE_PREFIX + "\n"
+        return Demo(prompt.text, head, write_switch(item).removeprefix(head))
+    if rng.random() < mix.story_code_share:
+        return demo(item, "code", True)
+    return demo(item, "cot", False)
 
 
 def check_code_digits(code_digits: str) -> None:
