@@ -183,19 +183,24 @@ def evaluate(config: DemoConfig, model: str, source: str, out: Path, progress: b
 def run_demo(config: DemoConfig, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) the study for every seed; write metrics.json, report.md and the figures; return the metrics.
 
-    Layout: `seed-<s>/<method>/` (an em.train run) and `seed-<s>/test/<method>/` per seed, and `test/base`,
-    `test/sft` once: the shipped checkpoints evaluated greedily do not depend on the seed.
+    Layout: `test/base` and `test/sft` first, once: the shipped checkpoints evaluated greedily do not depend on
+    the seed; then `seed-<s>/<method>/` (an em.train run) and `seed-<s>/test/<method>/` per seed. Seeds can also
+    run as separate processes (`--seeds 1 --set seed=s`, same `--out`) once `test/` is done; a final run with
+    all the seeds then only aggregates.
     """
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "demo_config.yaml")
     started = time.monotonic()
-    studies = [run_seed(config, seed, progress) for seed in seed_list(config)]
     fixed = {"base": resolve_model(config.base_model)}
     fixed |= {"sft": resolve_model("toy-sft")} if "sft" in config.methods else {}
-    for name, model in fixed.items():
-        test = evaluate(config, model, f"{config.source}:test", out / "test" / name, progress)
-        for study in studies:
+    tests = {
+        name: evaluate(config, model, f"{config.source}:test", out / "test" / name, progress)
+        for name, model in fixed.items()
+    }
+    studies = [run_seed(config, seed, progress) for seed in seed_list(config)]
+    for study in studies:
+        for name, test in tests.items():
             study["test"][name], study["samples"][name] = test, out / "test" / name / "samples.jsonl"
     sft_dev = None
     if "sft_rl" in config.methods:  # SFT+RL's iteration 0 is the SFT checkpoint on the same dev questions

@@ -18,6 +18,8 @@ Choices (docs/method.md explains them in full):
 - pi(c=1|x) is smoothed with a symmetric Beta prior: (n_code + a) / (n + 2a), a = `pi_prior`.
 - The advantage is the reward normalised over all of the query's rollouts (mean and std of
   `correct`), computed before subsampling so the baseline uses every rollout.
+- Mid-reasoning rollouts (continuations of a partial solution y<t) are a state of their own: Q, pi,
+  s*, the advantage and the subsample are per (query, y<t), not pooled with the query's (`state_of`).
 
 Deliberately simplified: one decision per trajectory (the first); the reward is 0/1 correctness.
 """
