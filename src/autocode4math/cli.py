@@ -6,6 +6,9 @@ Each command's options are its function's signature and its help is the docstrin
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import typer
 
 from autocode4math import __version__
@@ -31,6 +34,20 @@ def _config(cls: type, path: str, overrides: list[str]):
         return load_config(cls, path or None, overrides)
     except (ConfigError, OSError) as e:
         raise typer.BadParameter(str(e)) from None
+
+
+@contextlib.contextmanager
+def _run_errors() -> Iterator[None]:
+    """Failures of a run's machinery (fleet, server, launched M-step) as one message and exit code 1."""
+    from autocode4math.fleet import FleetError
+    from autocode4math.launch import LaunchError
+    from autocode4math.rollout.server import ServerError
+
+    try:
+        yield
+    except (FleetError, LaunchError, ServerError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -136,6 +153,7 @@ def eval_(
     benchmark_file: list[str] = typer.Option([], help="Extra benchmark file (.jsonl/.json/.parquet); repeatable."),
     limit: int | None = typer.Option(None, help="Only the first N questions of each benchmark."),
     backend: str = typer.Option("", help="hf (default), openai or vllm."),
+    workers: int | None = typer.Option(None, help="Rollout engines; more than 1 runs them as Ray actors (fleet.*)."),
     config: str = typer.Option("", help="YAML file with EvalConfig fields."),
     overrides: list[str] = typer.Option([], "--set", help="Dotted overrides, e.g. --set max_new_tokens=1024."),
 ) -> None:
@@ -145,8 +163,9 @@ def eval_(
 
     given = {"model": model, "modes": modes, "out": out, "backend": backend}
     bench_list = benchmarks.split(",") if benchmarks else ([] if benchmark_file else None)
+    extra = [] if workers is None else [f"fleet.workers={workers}"]
     try:
-        cfg = load_config(EvalConfig, config or None, overrides)
+        cfg = load_config(EvalConfig, config or None, [*overrides, *extra])
         cfg = replace(
             cfg,
             **{k: v for k, v in given.items() if v},
@@ -158,7 +177,8 @@ def eval_(
         )
     except (ConfigError, OSError, ValueError) as e:
         raise typer.BadParameter(str(e)) from None
-    run_eval(cfg)
+    with _run_errors():
+        run_eval(cfg)
 
 
 # --- toy world (toy ...) ---
@@ -266,17 +286,27 @@ def train_cmd(
     queries: str = typer.Option("", help="Training queries (train split): toy, a file, or a HF dataset id."),
     out: str = typer.Option("", help="Run directory; running the same command again resumes it."),
     iterations: int | None = typer.Option(None, help="EM iterations (E-step, M-step, dev evaluation each)."),
+    workers: int | None = typer.Option(
+        None, help="Rollout engines (E-step, RL collection, dev evaluation); more than 1 runs them as Ray actors."
+    ),
+    launch: str = typer.Option(
+        "",
+        help="Run each M-step under accelerate launch with this preset: single_gpu, ddp, fsdp, deepspeed_zero2, "
+        "cpu_ddp, or a YAML file (default: in this process).",
+    ),
     overrides: list[str] = typer.Option(
-        [], "--set", help="Dotted overrides, e.g. --set estep.k=8 --set mstep.lr=1e-5."
+        [], "--set", help="Dotted overrides, e.g. --set estep.k=8 --set mstep.lr=1e-5 --set fleet.address=auto."
     ),
 ) -> None:
     """The EM loop (or a baseline): collect data, update the policy, evaluate on dev; resumable by stage."""
     from autocode4math.em import TrainConfig, train
 
     given = {"method": method, "model": model, "queries": queries, "out": out, "iterations": iterations}
+    given |= {"fleet.workers": workers, "launch.preset": launch}
     extra = [f"{k}={v}" for k, v in given.items() if v not in ("", None)]
     cfg = _config(TrainConfig, config, [*overrides, *extra])
-    rows = train(cfg)
+    with _run_errors():
+        rows = train(cfg)
     last = rows[-1] if rows else {}
     typer.echo(f"done: {cfg.out} (final dev auto accuracy {last.get('auto_accuracy')})")
 
