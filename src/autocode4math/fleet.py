@@ -21,9 +21,10 @@ so a server's prefix cache serves them). A shard's composition depends only on t
 `shard_size`, never on the number of workers, and each shard is one engine run: with a fixed seed
 per request, one worker and two workers produce the same records under greedy decoding. Workers
 stream records back as trajectories finish (no shared filesystem is needed across machines); the
-driver appends each to the stage's file. When a worker dies, Ray restarts its actor (`max_restarts`)
-and the shard's unfinished requests go back to the queue for the next free worker; a record that
-arrives twice is kept once. Scheduling is Ray's: actors, a placement group, and `ray.wait` over the
+driver appends each to the stage's file. When a worker dies, the shard's unfinished requests go back
+to the queue for the next free worker, and a probe call (retried by Ray until the actor is back)
+returns the worker to the pool once Ray has restarted it (`max_restarts`), or drops it when Ray gives
+up. A record that arrives twice is kept once. Scheduling is Ray's: actors, a placement group, and `ray.wait` over the
 workers' streaming generators.
 
 Deliberately simplified: one engine per actor; a shard is not split further while it runs (the
@@ -33,6 +34,7 @@ resources (the placement group's own behaviour).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -273,10 +275,14 @@ def as_rollouts(model: Any, backend: str, options: dict[str, Any], sandbox: Any 
 
 
 class LocalEngines:
-    """One engine in this process (no Ray); started on first use, so a finished run loads nothing."""
+    """One engine in this process (no Ray); started on first use, so a finished run loads nothing.
 
-    def __init__(self, spec: EngineSpec) -> None:
-        self.spec = spec
+    It runs the same shards as a fleet, one after another, so one engine here and N workers produce
+    the same batches (and, with per-request seeds, the same records).
+    """
+
+    def __init__(self, spec: EngineSpec, shard_size: int) -> None:
+        self.spec, self.shard_size = spec, shard_size
         self.engine: Engine | None = None
 
     def rollouts(self, policy: str) -> Rollouts:
@@ -287,7 +293,17 @@ class LocalEngines:
         return self._engine().backend.tokenizer
 
     def run(self, policy, requests, config, prompt_config, on_record, progress) -> None:
-        self._engine().run(policy, requests, config, prompt_config, on_record, progress)
+        from autocode4math.rollout.progress import fleet_progress
+
+        engine = self._engine()
+        with fleet_progress(len(requests), 1, enabled=progress) as advance:
+
+            def keep(record: dict[str, Any]) -> None:
+                on_record(record)
+                advance(record)
+
+            for shard in shards(requests, self.shard_size):
+                engine.run(policy, shard, config, prompt_config, keep, False)
 
     def _engine(self) -> Engine:
         if self.engine is None:
@@ -399,7 +415,7 @@ class Fleet:
         todo = deque(shards(requests, self.config.shard_size))
         seen: set[tuple] = set()
         idle = list(range(len(workers)))
-        running: dict[Any, tuple[int, list[RolloutRequest]]] = {}
+        running: dict[Any, tuple[int, list[RolloutRequest] | None]] = {}  # a shard's stream, or None: a probe
         with fleet_progress(len(requests), len(workers), enabled=progress) as advance:
             while todo or running:
                 while todo and idle:
@@ -408,17 +424,24 @@ class Fleet:
                     running[call.remote(policy, shard, config, prompt_config)] = (w, shard)
                 if not running:
                     raise FleetError(f"every rollout worker died; {len(seen)} records were kept: run again to resume")
-                (stream,), _ = ray.wait(list(running), num_returns=1)
-                w, shard = running[stream]
+                (ref,), _ = ray.wait(list(running), num_returns=1)
+                w, shard = running[ref]
+                if shard is None:  # a dead worker's probe answered: Ray restarted it, or gave it up
+                    del running[ref]
+                    with contextlib.suppress(ray.exceptions.RayActorError):
+                        ray.get(ref)
+                        idle.append(w)
+                    continue
                 try:
-                    record = ray.get(next(stream))
+                    record = ray.get(next(ref))
                 except StopIteration:
-                    del running[stream]
+                    del running[ref]
                     idle.append(w)
                     continue
                 except ray.exceptions.RayActorError:
-                    del running[stream]
-                    self._worker_died(w, idle)
+                    del running[ref]
+                    self.deaths[w] += 1
+                    running[workers[w].pid.options(max_task_retries=-1).remote()] = (w, None)
                     left = [r for r in shard if r.key() not in seen]
                     if left:
                         todo.appendleft(left)
@@ -428,12 +451,6 @@ class Fleet:
                     seen.add(key)
                     on_record(record)
                     advance(record)
-
-    def _worker_died(self, w: int, idle: list[int]) -> None:
-        """Count a death; the worker takes shards again while Ray still restarts it."""
-        self.deaths[w] += 1
-        if self.deaths[w] <= self.config.max_restarts:
-            idle.append(w)
 
     def _start(self) -> list[Any]:
         if self.workers:
@@ -513,4 +530,4 @@ def open_engines(config: FleetConfig, backend: str, options: dict[str, Any]) -> 
     spec = EngineSpec(backend, dict(options), config.server, config.server_timeout_s)
     if config.server and backend != "openai":
         raise FleetError(f"fleet.server starts an OpenAI-compatible server: use it with backend openai, not {backend}")
-    return Fleet(config, spec) if config.distributed else LocalEngines(spec)
+    return Fleet(config, spec) if config.distributed else LocalEngines(spec, config.shard_size)

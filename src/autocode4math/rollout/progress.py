@@ -60,7 +60,8 @@ def fleet_progress(total: int, workers: int, enabled: bool = True) -> Iterator[C
     )
     start, sums = time.monotonic(), {"tokens": 0, "calls": 0}
     with Progress(*columns, transient=False) as bar:
-        task = bar.add_task(f"rollouts on {workers} workers", total=total, tokens_s=0.0, calls_s=0.0)
+        label = f"rollouts ({workers} worker{'s' if workers > 1 else ''})"
+        task = bar.add_task(label, total=total, tokens_s=0.0, calls_s=0.0)
 
         def advance(record: dict) -> None:
             sums["tokens"] += int(record.get("n_generated_tokens", 0))
