@@ -34,16 +34,18 @@ def _fail(message: str) -> NoReturn:
 
 
 def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Let `command` end with `_fail` on a ConfigError (a bad setting) or DataError (a bad file), wherever raised."""
+    """Let `command` end with `_fail` on a user error wherever raised: ConfigError (a bad setting), DataError
+    (a bad file), ResumeError (a directory holding results of other settings)."""
 
     @functools.wraps(command)
     def run(*args: Any, **kwargs: Any) -> Any:
         from autocode4math.config import ConfigError
+        from autocode4math.fingerprint import ResumeError
         from autocode4math.io import DataError
 
         try:
             return command(*args, **kwargs)
-        except (ConfigError, DataError) as e:
+        except (ConfigError, DataError, ResumeError) as e:
             _fail(str(e))
 
     return run
