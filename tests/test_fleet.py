@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -204,3 +205,19 @@ def test_eval_cli_takes_workers(tmp_path):
     )
     assert result.exit_code == 2 and "workers must be >= 1" in result.output
     assert "Traceback" not in result.output
+
+
+def test_bench_fleet_prints_figures_and_a_json_last_line():
+    from typer.testing import CliRunner
+
+    from autocode4math.cli import app
+
+    args = ["bench", "fleet", "--workers", "1", "--queries", "2", "--k", "1", "--max-new-tokens", "8", "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    last = json.loads(result.output.strip().splitlines()[-1])
+    assert last["workers"] == [1] and last["speedup"] == 1.0 and last["same_records"] is True
+    assert last["tokens_per_s"][0] > 0 and last["runs"][0]["trajectories"] == 2 * 2 * 1
+    for bad in ("0", "1,x", ""):
+        result = CliRunner().invoke(app, ["bench", "fleet", "--workers", bad])
+        assert result.exit_code == 2 and "--workers" in result.output

@@ -401,5 +401,33 @@ def bench_train_cmd(
         typer.echo(json.dumps(result))
 
 
+@bench_app.command("fleet")
+def bench_fleet_cmd(
+    workers: str = typer.Option("1,2", help="Comma-separated worker counts, measured in order in one run."),
+    queries: int = typer.Option(32, help="Toy train questions (each: K rollouts per code decision)."),
+    k: int = typer.Option(4, help="Rollouts per question and decision."),
+    max_new_tokens: int = typer.Option(256, help="Token budget per trajectory."),
+    shard_size: int = typer.Option(32, help="Requests per shard (one engine run each)."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature (the E-step's 1.0; 0 for greedy)."),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable JSON object as the last line."),
+) -> None:
+    """E-step throughput (trajectories/s, tokens/s) on the toy world with 1..N CPU workers, and the speedup."""
+    import json
+
+    from autocode4math.scaling import FleetBenchConfig, bench_fleet, print_fleet_table
+
+    try:
+        counts = [int(w) for w in workers.split(",") if w.strip()]
+        cfg = FleetBenchConfig(counts, queries, k, max_new_tokens, shard_size, temperature=temperature)
+    except ValueError as e:
+        _fail(f"--workers {workers!r}: {e}")
+    with _run_errors():
+        result = bench_fleet(cfg, progress=not as_json)
+    print_fleet_table(result)
+    if as_json:
+        keys = ("workers", "tokens_per_s", "trajectories_per_s", "speedup", "same_records")
+        typer.echo(json.dumps({**{key: result[key] for key in keys}, "runs": result["runs"]}))
+
+
 if __name__ == "__main__":  # `accelerate launch -m autocode4math.cli mstep ...`
     app()

@@ -164,6 +164,7 @@ def train(config: TrainConfig, progress: bool = True) -> list[dict[str, Any]]:
             spent = {k: spent[k] + collected[k] for k in spent}
             model = state.get(f"{it}/mstep")
             if model is None:
+                engines.release()  # the M-step may need the accelerators the engines hold
                 model = _update(config, policy, collected["data"], it, d / "mstep", progress)
                 state.finish(f"{it}/mstep", model)
             policy = model

@@ -14,7 +14,9 @@ where trajectories are generated:
 
 An `Engine` serves one policy at a time. Each request batch names the policy it wants, so an engine
 that is handed a new checkpoint (the next EM iteration) reloads its model or restarts its server
-first, and an actor that Ray restarted after a crash loads the right checkpoint by itself.
+first, and an actor that Ray restarted after a crash loads the right checkpoint by itself. Before
+each M-step the training loop has every engine `release` its model or server, so the M-step gets
+the accelerators; the next iteration's first shard loads the new policy.
 
 Work is split into shards by the identity of the question (all samples of a question stay together,
 so a server's prefix cache serves them). A shard's composition depends only on the request list and
@@ -37,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import sys
 import threading
 import zlib
 from collections import deque
@@ -135,7 +138,7 @@ class Engine:
         """Serve `policy`: load its weights, or restart the server on it; nothing when it is served already."""
         if policy == self.policy:
             return
-        self._unload()
+        self.release()
         from autocode4math.rollout import make_backend
 
         if self.spec.server:
@@ -197,15 +200,21 @@ class Engine:
             prompt_config=prompt_config,
         )  # fmt: skip
 
-    def _unload(self) -> None:
+    def release(self) -> None:
+        """Free the accelerator for the M-step: drop the model (or stop the server); the next run serves again."""
         self.backend = None
         self.policy = None
         if self.server is not None:
             self.server.stop()
             self.server = None
+        import gc
+
+        gc.collect()
+        if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
+            sys.modules["torch"].cuda.empty_cache()
 
     def close(self) -> None:
-        self._unload()
+        self.release()
         self.pool.close()
 
 
@@ -289,8 +298,12 @@ class LocalEngines:
         return Rollouts(self, policy)
 
     def tokenizer(self, policy: str) -> Any:
-        self._engine().serve(policy)
+        self.serve(policy)
         return self._engine().backend.tokenizer
+
+    def serve(self, policy: str) -> None:
+        """Load `policy` now (a run would load it on arrival)."""
+        self._engine().serve(policy)
 
     def run(self, policy, requests, config, prompt_config, on_record, progress) -> None:
         from autocode4math.rollout.progress import fleet_progress
@@ -304,6 +317,11 @@ class LocalEngines:
 
             for shard in shards(requests, self.shard_size):
                 engine.run(policy, shard, config, prompt_config, keep, False)
+
+    def release(self) -> None:
+        """Free the accelerator (before an M-step); the next run loads its policy again."""
+        if self.engine is not None:
+            self.engine.release()
 
     def _engine(self) -> Engine:
         if self.engine is None:
@@ -397,6 +415,11 @@ class Fleet:
     def serve(self, policy: str) -> None:
         """Have every worker load `policy` now (shards would also load it on arrival)."""
         _ray().get([w.serve.remote(policy) for w in self._start()])
+
+    def release(self) -> None:
+        """Free every worker's accelerator (before an M-step that needs the GPUs); the next run loads again."""
+        if self.workers:
+            _ray().get([w.release.remote() for w in self.workers])
 
     def run(
         self,
