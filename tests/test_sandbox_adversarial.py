@@ -123,7 +123,9 @@ def test_fork_bomb_is_contained(pool):
     assert r.status in ("error", "timeout")  # fork fails at the process limit (BlockingIOError) or time runs out
     pool.close_session(s)
     _assert_gone(uid)
-    assert pool.run(pool.open_session(), "'machine fine'").stdout == "'machine fine'\n"
+    s = pool.open_session()
+    assert pool.run(s, "'machine fine'").stdout == "'machine fine'\n"
+    pool.close_session(s)
 
 
 def test_huge_output_is_truncated_head_and_tail(pool):
