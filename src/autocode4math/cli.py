@@ -161,6 +161,25 @@ def eval_(
     run_eval(cfg)
 
 
+@app.command("view")
+def view_cmd(
+    run_dir: str = typer.Argument(..., help="A run directory: an eval, an E-step, a training run or the demo."),
+    run_dir_b: str = typer.Argument("", help="A second run directory, shown beside the first (sources A and B)."),
+    out: str = typer.Option("", help="The HTML file to write (default: RUN_DIR/view.html)."),
+    no_compress: bool = typer.Option(False, "--no-compress", help="Embed plain JSON even when the data is large."),
+) -> None:
+    """One self-contained HTML page (opens from disk, no server) to read, filter and compare a run's trajectories."""
+    from autocode4math.io import DataError
+    from autocode4math.view import write_view
+
+    runs = [run_dir, *([run_dir_b] if run_dir_b else [])]
+    try:
+        path = write_view(runs, out or None, compress=False if no_compress else None)
+    except (DataError, OSError) as e:
+        raise typer.BadParameter(str(e)) from None
+    typer.echo(f"{path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
 # --- toy world (toy ...) ---
 
 
