@@ -262,3 +262,143 @@ def test_cli_writes_the_page_and_rejects_bad_input(tmp_path, runs):
         assert "Traceback" not in result.output
     with pytest.raises(DataError, match="not a rollout record"):
         write_view([bad])
+
+
+# --- the page in a real browser: Debian's Chromium driven by Playwright (installed by `make test`) ---
+
+
+@pytest.fixture(scope="module")
+def browser():
+    pytest.importorskip("playwright.sync_api", reason="playwright is a dev dependency: pip install -e .[dev]")
+    if not (shutil.which("chromium") or shutil.which("chromium-browser")):
+        pytest.skip("no chromium: `make test` installs it with apt-get where it can")
+    from autocode4math.view import headless_chromium
+
+    with headless_chromium() as b:
+        yield b
+
+
+def open_page(browser, path):
+    """Load a page from disk; return it with the console errors and every URL it requested."""
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    errors, requests = [], []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("request", lambda r: requests.append(r.url))
+    page.goto(path.as_uri())
+    page.wait_for_selector("body[data-ready]", timeout=20_000)
+    return page, errors, requests
+
+
+def shown(page) -> int:
+    return int(page.get_attribute("#count", "data-count"))
+
+
+def search(page, text: str) -> int:
+    page.fill("#f-search", text)
+    page.wait_for_selector(f"#count[data-search={json.dumps(text)}]", timeout=5_000)
+    return shown(page)
+
+
+def haystack(r) -> str:
+    return "\n".join([str(r["id"]), r["question"], str(r["answer"]), str(r["pred"] or ""), r["response"]]).lower()
+
+
+@pytest.mark.slow
+def test_browser_filters_count_what_the_jsonl_says(tmp_path, runs, browser):
+    samples = list(read_jsonl(runs["eval"] / "samples.jsonl"))
+    right = {(r["mode"], r["id"]): r["correct"] for r in samples}
+    decisive = {q for m, q in right if m == "cot" and right[("cot", q)] != right[("code", q)]}
+    page, errors, requests = open_page(browser, write_view([runs["eval"]], tmp_path / "page.html"))
+    assert shown(page) == len(samples) == 18
+    cases = [
+        ("mode", "code", lambda r: r["mode"] == "code"),
+        ("mode", "cot", lambda r: r["mode"] == "cot"),
+        ("correct", "1", lambda r: r["correct"]),
+        ("correct", "0", lambda r: not r["correct"]),
+        ("code", "1", lambda r: r["n_code_calls"] > 0),
+        ("code", "0", lambda r: r["n_code_calls"] == 0),
+        ("c", "1", lambda r: r["mode"] == "code" or r["used_code"]),
+        ("status", "error", lambda r: any(b["status"] == "error" for b in r["code_blocks"])),
+        ("status", "ok", lambda r: any(b["status"] == "ok" for b in r["code_blocks"])),
+        ("meta-family", "mul", lambda r: r["meta"]["family"] == "mul"),
+        ("meta-level", "2", lambda r: r["meta"]["level"] == 2),
+        ("finish", "answer", lambda r: r["finish_reason"] == "answer"),
+        ("disagree", "1", lambda r: r["id"] in decisive),
+        (
+            "disagree",
+            "2",
+            lambda r: r["mode"] == "auto" and r["id"] in decisive and r["used_code"] != right[("code", r["id"])],
+        ),
+    ]
+    for field, value, keep in cases:
+        page.select_option(f"#f-{field}", value)
+        assert shown(page) == sum(map(keep, samples)) > 0, (field, value)
+        page.select_option(f"#f-{field}", "")
+    page.select_option("#f-mode", "auto")
+    page.select_option("#f-correct", "0")
+    assert shown(page) == sum(r["mode"] == "auto" and not r["correct"] for r in samples)
+    page.click("#f-clear")
+    for needle in ("What is 4 plus 10", "print(1 + 10)", "ZeroDivisionError", "NO SUCH TEXT"):
+        assert search(page, needle) == sum(needle.lower() in haystack(r) for r in samples), needle
+    # a code block and its output: the code-mode trajectory of q4, opened
+    page.select_option("#f-mode", "code")
+    assert search(page, "print(4 + 10)") == 1
+    page.click(".traj-head")
+    assert "print(4 + 10)" in page.inner_text(".transcript .code")
+    tool = page.locator(".transcript .tool")
+    assert tool.inner_text().split() == ["14", "```"] and "ok" in tool.get_attribute("data-label")
+    assert page.inner_text(".transcript .prefix").strip() == CODE_PREFIX
+    assert "mask 0" in tool.get_attribute("data-label")
+    assert errors == [] and all(u.startswith(("file:", "data:", "blob:")) for u in requests), (errors, requests)
+
+
+@pytest.mark.slow
+def test_browser_two_runs_side_by_side_and_pages(tmp_path, runs, browser):
+    b_samples = list(read_jsonl(runs["eval_b"] / "samples.jsonl"))
+    path = tmp_path / "two.html"
+    path.write_text(render_page(page_data([runs["eval"], runs["eval_b"]]), compress=True))  # the gzip path
+    page, errors, _ = open_page(browser, path)
+    assert shown(page) == 36
+    page.select_option("#f-run", "1")
+    assert shown(page) == len(b_samples)
+    page.select_option("#f-run", "")
+    page.select_option("#f-disagree", "4")
+    # in each run: cot flips on all six questions, auto on the four it answers without code
+    assert shown(page) == 2 * (6 + 4)
+    page.select_option("#f-disagree", "")
+    page.select_option("#page-size", "25")
+    assert page.locator(".traj").count() == 25
+    page.click("#next")
+    assert page.locator(".traj").count() == 11 and "page 2 of 2" in page.inner_text("#page")
+    page.click(".traj .cmp")
+    columns = [page.locator(".col").nth(i).get_attribute("data-source") for i in range(page.locator(".col").count())]
+    assert sorted(columns) == ["A: eval"] * 3 + ["B: other"] * 3  # three modes in each run
+    page.select_option("#f-mode", "cot")
+    assert page.locator(".col").count() == 2
+    first = page.inner_text(".cmp-head")
+    page.click("#cmp-next")
+    assert page.inner_text(".cmp-head") != first and page.locator(".col").count() == 2
+    assert errors == []
+
+
+@pytest.mark.slow
+def test_browser_estep_queries(tmp_path, runs, browser):
+    rollouts = list(read_jsonl(runs["estep"] / "rollouts.jsonl"))
+    audit = list(read_jsonl(runs["estep"] / "audit.jsonl"))
+    page, errors, _ = open_page(browser, write_view([runs["estep"]], tmp_path / "estep.html"))
+    page.select_option("#f-chosen", "1")
+    assert shown(page) == sum(len(a["chosen"]) for a in audit)
+    page.select_option("#f-chosen", "")
+    page.click("#tab-queries")
+    assert int(page.get_attribute("#query-count", "data-count")) == len(audit)
+    cells = page.locator("tr.query").first.locator("td")
+    qid = cells.nth(1).inner_text()
+    row = next(a for a in audit if a["id"] == qid)
+    expected = ["-" if row["Q"][c] is None else f"{row['Q'][c]:.2f}" for c in "01"]
+    assert [cells.nth(i).inner_text() for i in (2, 3)] == expected
+    page.locator("tr.query").first.click()
+    assert shown(page) == sum(r["id"] == qid for r in rollouts)
+    page.click(".traj-head")
+    assert page.locator(".detail table.estep").count() == 1
+    assert errors == []

@@ -122,6 +122,20 @@ def bench_grading(
         typer.echo(f"{name}: {value:.1f}" if isinstance(value, float) else f"{name}: {value}")
 
 
+@bench_app.command("view")
+def bench_view_cmd(
+    trajectories: int = typer.Option(20_000, help="Synthetic trajectories in the run."),
+    chars: int = typer.Option(1500, help="Characters of reasoning per trajectory before its answer."),
+    out: str = typer.Option("runs/bench-view", help="Where the synthetic run and its page go."),
+    browser: bool = typer.Option(True, help="Also time load, filter, search in headless Chromium."),
+) -> None:
+    """Size of the `autocode view` page for a large run and how long it takes to load and filter."""
+    from autocode4math.view import bench_view
+
+    for name, value in bench_view(trajectories, chars, out, browser).items():
+        typer.echo(f"{name}: {value}")
+
+
 # --- rollouts and evaluation (eval) ---
 
 

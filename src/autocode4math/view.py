@@ -412,3 +412,134 @@ def headless_chromium(executable: str | None = None) -> Iterator[Any]:
             yield browser
         finally:
             browser.close()
+
+
+def synthetic_run(out: str | Path, n: int, chars: int = 1500, seed: int = 0) -> Path:
+    """An eval run directory of `n` made-up trajectories shaped like real records, for the load benchmark.
+
+    Toy-world questions in the three modes; each response is about `chars` characters of reasoning (other
+    toy solutions) then the toy writer's CoT or code; executed blocks are ok, error or timeout (85/10/5%).
+    """
+    import random
+
+    from autocode4math import toyworld
+    from autocode4math.prompts import PromptConfig
+    from autocode4math.rollout.engine import STOP
+    from autocode4math.sandbox import ExecResult
+
+    rng, out = random.Random(seed), Path(out)
+    code_prefix = PromptConfig().code_prefix + "\n"
+
+    def item() -> Any:
+        return toyworld.generate(rng.choice(list(toyworld.FAMILIES)), rng.choice((1, 2, 3)), rng)
+
+    def filler() -> str:
+        text = ""
+        while len(text) < chars:
+            text += f"Let me check a similar case: {item().question} " + toyworld.write_cot(item()) + "\n"
+        return text
+
+    records = []
+    for i in range(n):
+        problem, mode = item(), ("auto", "cot", "code")[i % 3]
+        spans, blocks = [filler()], []
+        if mode == "code" or (mode == "auto" and rng.random() < 0.5):
+            code = toyworld.FAMILIES[problem.family].code(problem)
+            status = rng.choices(("ok", "error", "timeout"), (85, 10, 5))[0]
+            stdout = toyworld.run_code(code) + "\n" if status == "ok" else ""
+            error = {"ok": "", "error": "Traceback\nNameError: name 'x' is not defined", "timeout": "timed out"}[status]
+            result = ExecResult(status, stdout, error, round(rng.uniform(0.005, 0.2), 4))
+            spans[0] += f"```python\n{code}\n```\n{STOP}"
+            spans += ["\n" + result.feedback() + "\n```\n", f"The answer is \\boxed{{{problem.answer}}}."]
+            blocks.append(
+                {"code": code, "status": status, "output": stdout, "error": error, "duration_s": result.duration_s}
+            )
+        else:
+            spans[0] += toyworld.write_cot(problem)
+        correct = rng.random() < 0.6
+        kinds, starts = ["model", "tool", "model"][: len(spans)], [0]
+        for text in spans:
+            starts.append(starts[-1] + len(text) // 4 + 1)
+        segments = [{"kind": k, "start": a, "end": b} for k, a, b in zip(kinds, starts, starts[1:], strict=False)]
+        records.append(
+            {
+                "id": f"toy-{i // 3}",
+                "benchmark": "toy",
+                "mode": mode,
+                "sample": 0,
+                "question": problem.question,
+                "answer": problem.answer,
+                "meta": {"family": problem.family, "difficulty": problem.difficulty},
+                "prefix": code_prefix if mode == "code" else "",
+                "response": "".join(spans),
+                "segments": segments,
+                "code_blocks": blocks,
+                "n_code_calls": len(blocks),
+                "used_code": bool(blocks),
+                "finish_reason": "answer",
+                "n_prompt_tokens": 60,
+                "n_generated_tokens": sum(s["end"] - s["start"] for s in segments if s["kind"] == "model"),
+                "pred": str(problem.answer if correct else problem.answer + 1),
+                "correct": correct,
+            }
+        )
+    from autocode4math.io import write_jsonl
+
+    write_jsonl(out / "samples.jsonl", records)
+    return out
+
+
+def bench_view(n: int = 20_000, chars: int = 1500, out: str | Path = "runs/bench-view", browser: bool = True) -> dict:
+    """Page size and build time for `n` synthetic trajectories; with `browser`, load, filter and search times
+    in headless Chromium (seconds, wall clock, as a person would wait for them)."""
+    import time
+
+    run = synthetic_run(Path(out) / "run", n, chars)
+    started = time.perf_counter()
+    page_path = write_view([run], Path(out) / "view.html")
+    figures: dict[str, Any] = {
+        "trajectories": n,
+        "jsonl_mb": round((run / "samples.jsonl").stat().st_size / 1e6, 2),
+        "build_s": round(time.perf_counter() - started, 2),
+        "page_mb": round(page_path.stat().st_size / 1e6, 2),
+        "data_json_mb (before gzip)": round(len(json.dumps(page_data([run]), separators=(",", ":"))) / 1e6, 2),
+    }
+    if browser:
+        figures.update(_browser_times(page_path))
+    return figures
+
+
+def _browser_times(path: Path) -> dict[str, Any]:
+    import time
+
+    with headless_chromium() as browser:
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        started = time.perf_counter()
+        page.goto(path.as_uri())
+        page.wait_for_selector("body[data-ready]", timeout=120_000)
+        load = time.perf_counter() - started
+        timing = page.evaluate("window.viewTiming")
+        started = time.perf_counter()
+        page.select_option("#f-mode", "code")
+        shown = page.get_attribute("#count", "data-count")
+        mode_filter = time.perf_counter() - started
+        started = time.perf_counter()
+        page.fill("#f-search", "boxed{1")
+        page.wait_for_selector('#count[data-search="boxed{1"]', timeout=120_000)
+        search = time.perf_counter() - started
+        started = time.perf_counter()
+        page.click(".traj-head")
+        page.wait_for_selector(".detail")
+        open_one = time.perf_counter() - started
+    return {
+        "load_s": round(load, 2),
+        "decode_ms": round(timing["decode_ms"]),
+        "first_render_ms": round(timing["render_ms"]),
+        "mode_filter_s": round(mode_filter, 3),
+        "code_mode_rows": int(shown or 0),
+        "first_search_s (incl. 0.15 s debounce)": round(search, 3),
+        "open_trajectory_s": round(open_one, 3),
+        "page_errors": len(errors),
+    }

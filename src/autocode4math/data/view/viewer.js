@@ -188,7 +188,7 @@ function renderStats() {
   const chip = state.question === null ? null : el("span", { class: "chip", id: "question-chip" },
     `question ${Q({ q: state.question })[1]}`, el("button", { onclick: () => { state.question = null; refresh(true); } }, "×"));
   put(stats,
-    el("span", { id: "count", "data-count": String(n), text: `${n} of ${rows.length} trajectories` }),
+    el("span", { id: "count", "data-count": String(n), "data-search": state.search, text: `${n} of ${rows.length} trajectories` }),
     n ? ` · accuracy ${pct(ok / n)} · used code ${pct(code / n)} · ${num(calls / n, 2)} calls and ${num(tokens / n, 0)} generated tokens per trajectory` : "",
     chip);
 }
