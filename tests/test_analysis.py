@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 
@@ -76,6 +77,24 @@ def test_bootstrap_interval_narrows_with_more_questions():
     lo_l, hi_l = bootstrap_ci(large)
     assert hi_l - lo_l < hi_s - lo_s
     assert lo_l < 0.5 < hi_l
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_intervals_do_not_depend_on_record_order(seed):
+    # questions with different sample counts and solve rates, so an interval computed over the
+    # questions in file order would change when a resumed run appends them in another order
+    rng = random.Random(seed)
+    records = [
+        rec(f"q{i}", mode, rng.random() < (i % 5) / 4, sample=s)
+        for i in range(30)
+        for mode in ("cot", "code")
+        for s in range(1 + i % 3)
+    ]
+    expected = all_metrics(records)
+    for _ in range(3):
+        rng.shuffle(records)
+        assert all_metrics(records) == expected
+        assert bootstrap_ci(records) == bootstrap_ci(sorted(records, key=lambda r: (r["id"], r["mode"])))
 
 
 def test_union_bound_single_sample():

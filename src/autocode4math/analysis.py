@@ -47,14 +47,19 @@ def per_question(records: Iterable[dict[str, Any]], key: str = "correct") -> dic
 def bootstrap_ci(
     records: Sequence[dict[str, Any]], resamples: int = 2000, level: float = 0.95, seed: int = 0
 ) -> tuple[float, float]:
-    """Percentile interval of the sample-mean accuracy, resampling questions with replacement."""
+    """Percentile interval of the sample-mean accuracy, resampling questions with replacement.
+
+    Questions are taken in sorted id order, so the interval depends on the records, not on their order
+    in a file (a resumed run appends in another order than an uninterrupted one).
+    """
     groups: dict[str, list[float]] = defaultdict(list)
     for r in records:
         groups[str(r["id"])].append(float(r["correct"]))
     if not groups:
         return (math.nan, math.nan)
-    sums = np.array([sum(v) for v in groups.values()])
-    counts = np.array([len(v) for v in groups.values()])
+    ids = sorted(groups)
+    sums = np.array([sum(groups[q]) for q in ids])
+    counts = np.array([len(groups[q]) for q in ids])
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, len(sums), size=(resamples, len(sums)))
     means = sums[picks].sum(axis=1) / counts[picks].sum(axis=1)

@@ -6,6 +6,10 @@ Each command's options are its function's signature and its help is the docstrin
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Any, NoReturn
+
 import typer
 
 from autocode4math import __version__
@@ -23,14 +27,36 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(toy_app, name="toy")
 
 
-def _config(cls: type, path: str, overrides: list[str]):
-    """load_config for a command: a bad preset or override is a usage error naming the problem."""
-    from autocode4math.config import ConfigError, load_config
+def _fail(message: str) -> NoReturn:
+    """A user error: one line on stderr, exit code 2 (as for any usage error), no traceback."""
+    typer.echo("Error: " + " ".join(str(message).splitlines()), err=True)
+    raise typer.Exit(2)
 
-    try:
-        return load_config(cls, path or None, overrides)
-    except (ConfigError, OSError) as e:
-        raise typer.BadParameter(str(e)) from None
+
+def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Let `command` end with `_fail` on a user error wherever raised: ConfigError (a bad setting), DataError
+    (a bad file), ResumeError (a directory holding results of other settings)."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        from autocode4math.config import ConfigError
+        from autocode4math.fingerprint import ResumeError
+        from autocode4math.io import DataError
+
+        try:
+            return command(*args, **kwargs)
+        except (ConfigError, DataError, ResumeError) as e:
+            _fail(str(e))
+
+    return run
+
+
+def _config(cls: type, path: str, overrides: list[str], values: dict[str, Any] | None = None, **kw: Any) -> Any:
+    """load_config for a command; typed options in `values` are given as values (None or "" = not given)."""
+    from autocode4math.config import load_config
+
+    given = {k: v for k, v in (values or {}).items() if v is not None and v != ""}
+    return load_config(cls, path or None, overrides, given, **kw)
 
 
 @app.command()
@@ -56,12 +82,11 @@ def exec_code(
     try:
         config = SandboxConfig(timeout_s=timeout, memory_mb=memory_mb)
     except ValueError as e:
-        raise typer.BadParameter(str(e)) from None
+        _fail(str(e))
     try:
         result = execute(sys.stdin.read(), config)
     except SandboxError as e:
-        typer.echo(f"sandbox failure: {e}", err=True)
-        raise typer.Exit(2) from None
+        _fail(f"sandbox failure: {e}")
     typer.echo(json.dumps(result.to_dict()))
 
 
@@ -78,7 +103,7 @@ def bench_sandbox(
     from autocode4math.bench import print_sandbox_table
 
     if n < 1 or workers < 0:
-        raise typer.BadParameter("--n must be >= 1 and --workers >= 0")
+        _fail(f"--n must be >= 1 and --workers >= 0, got --n {n} --workers {workers}")
     figures, layers = run_bench(n=n, workers=workers or None)
     print_sandbox_table(figures, layers)
     if as_json:
@@ -103,7 +128,7 @@ def grade(
     try:
         s = grade_file(in_path, out, benchmark or None, workers, timeout)
     except (DataError, OSError, ValueError) as e:
-        raise typer.BadParameter(str(e)) from None
+        _fail(str(e))
     typer.echo(
         f"graded {s['graded']}: {s['correct']} correct ({100 * s['accuracy']:.1f}%), "
         f"{s['no_answer']} without an answer, {s['timed_out']} timed out -> {out}"
@@ -140,6 +165,7 @@ def bench_view_cmd(
 
 
 @app.command("eval")
+@_user_errors
 def eval_(
     model: str = typer.Option("", help="Model path or hub id (openai backend: the served model name)."),
     benchmarks: str = typer.Option("", help="Comma-separated benchmark names (gsm8k,math500,aime24,...) or toy."),
@@ -154,25 +180,13 @@ def eval_(
     overrides: list[str] = typer.Option([], "--set", help="Dotted overrides, e.g. --set max_new_tokens=1024."),
 ) -> None:
     """Evaluate a model in auto/cot/code modes: per-sample JSONL, metrics.json, report.md, plots."""
-    from autocode4math.config import ConfigError, load_config
-    from autocode4math.evaluate import EvalConfig, replace, run_eval
+    from autocode4math.evaluate import EvalConfig, run_eval
 
-    given = {"model": model, "modes": modes, "out": out, "backend": backend}
-    bench_list = benchmarks.split(",") if benchmarks else ([] if benchmark_file else None)
-    try:
-        cfg = load_config(EvalConfig, config or None, overrides)
-        cfg = replace(
-            cfg,
-            **{k: v for k, v in given.items() if v},
-            n=n,
-            temperature=temperature,
-            limit=limit,
-            benchmarks=bench_list,
-            benchmark_files=benchmark_file or None,
-        )
-    except (ConfigError, OSError, ValueError) as e:
-        raise typer.BadParameter(str(e)) from None
-    run_eval(cfg)
+    given = {"model": model, "benchmarks": benchmarks, "modes": modes, "out": out, "backend": backend, "n": n}
+    given |= {"temperature": temperature, "limit": limit, "benchmark_files": benchmark_file or None}
+    if benchmark_file and not benchmarks:
+        given["benchmarks"] = []  # only the given files, not the default benchmarks
+    run_eval(_config(EvalConfig, config, overrides, given))
 
 
 @app.command("view")
@@ -222,12 +236,13 @@ def toy_sample(
     try:
         item = toyworld.generate(family, difficulty, random.Random(seed))
     except ValueError as e:
-        raise typer.BadParameter(str(e)) from None
+        _fail(str(e))
     typer.echo(f"{item.question}\nanswer: {item.answer}\n\n--- cot ---\n{toyworld.write_cot(item)}")
     typer.echo(f"\n--- code ---\n{toyworld.write_code(item)}")
 
 
 @toy_app.command("pretrain")
+@_user_errors
 def toy_pretrain(
     stage: str = typer.Option(
         "base", help="base (from scratch, CoT-heavy) or sft (tool-integrated, code choice not tied to the family)."
@@ -242,8 +257,7 @@ def toy_pretrain(
     """Train a toy checkpoint (tiny Qwen2 + BPE tokenizer) on CPU, printing progress."""
     from autocode4math.toymodel import PretrainConfig, pretrain
 
-    extra = [f"stage={stage}", f"seed={seed}"] + ([f"out_dir={out_dir}"] if out_dir else [])
-    cfg = _config(PretrainConfig, config, [*overrides, *extra])
+    cfg = _config(PretrainConfig, config, overrides, {"stage": stage, "seed": seed, "out_dir": out_dir})
     pretrain(cfg, log=lambda line: typer.echo(line))
 
 
@@ -251,6 +265,7 @@ def toy_pretrain(
 
 
 @app.command()
+@_user_errors
 def estep(
     model: str = typer.Option(..., help="Checkpoint directory that generates the rollouts (pi_theta)."),
     queries: str = typer.Option(..., help="Training queries: 'toy', a benchmark name, or a .jsonl/.json/.parquet."),
@@ -264,19 +279,18 @@ def estep(
     import json
 
     from autocode4math.benchmarks import load_problems
-    from autocode4math.config import ConfigError, load_config
     from autocode4math.estep import EStepConfig, run_estep
 
-    try:
-        cfg = load_config(EStepConfig, config or None, overrides)
-        problems = load_problems(queries, split=split, limit=limit or None)
-    except (ConfigError, OSError, ValueError) as e:
-        raise typer.BadParameter(str(e)) from None
+    if limit < 0:
+        _fail(f"--limit must be >= 0 (0: all queries), got {limit}")
+    cfg = _config(EStepConfig, config, overrides)
+    problems = load_problems(queries, split=split, limit=limit or None)
     summary = run_estep(model, problems, cfg, out)
     typer.echo(json.dumps(summary, indent=2))
 
 
 @app.command()
+@_user_errors
 def mstep(
     model: str = typer.Option(..., help="Checkpoint directory to train; also pi_ref (it generated the data)."),
     data: str = typer.Option(..., help="E-step train.jsonl."),
@@ -292,6 +306,7 @@ def mstep(
 
 
 @app.command("train")
+@_user_errors
 def train_cmd(
     config: str = typer.Option("", help="YAML preset with TrainConfig fields (e.g. presets/toy-em.yaml)."),
     method: str = typer.Option("", help="em (default), rl (on-policy RL, no E-step) or sft (fixed dataset)."),
@@ -307,28 +322,25 @@ def train_cmd(
     from autocode4math.em import TrainConfig, train
 
     given = {"method": method, "model": model, "queries": queries, "out": out, "iterations": iterations}
-    extra = [f"{k}={v}" for k, v in given.items() if v not in ("", None)]
-    cfg = _config(TrainConfig, config, [*overrides, *extra])
+    cfg = _config(TrainConfig, config, overrides, given)
     rows = train(cfg)
     last = rows[-1] if rows else {}
     typer.echo(f"done: {cfg.out} (final dev auto accuracy {last.get('auto_accuracy')})")
 
 
 @app.command("demo")
+@_user_errors
 def demo_cmd(
     full: bool = typer.Option(False, "--full", help="The longer study (more queries, iterations and rollouts)."),
     out: str = typer.Option("", help="Run directory (default runs/demo, or runs/demo-full); reruns resume."),
     overrides: list[str] = typer.Option([], "--set", help="Dotted DemoConfig overrides, e.g. --set iterations=3."),
 ) -> None:
     """The toy study: EM vs Base+RL, SFT, SFT+RL from the shipped checkpoints; report.md, metrics.json, plots."""
-    from autocode4math.config import ConfigError, from_dict, parse_overrides, to_dict
+    from autocode4math.config import to_dict
     from autocode4math.demo import DemoConfig, run_demo
 
-    base = DemoConfig.full() if full else DemoConfig()
-    try:
-        cfg = from_dict(DemoConfig, {**to_dict(base), **parse_overrides(overrides), **({"out": out} if out else {})})
-    except ConfigError as e:
-        raise typer.BadParameter(str(e)) from None
+    base = to_dict(DemoConfig.full() if full else DemoConfig())
+    cfg = _config(DemoConfig, "", overrides, {"out": out}, base=base)
     metrics = run_demo(cfg)
     typer.echo(f"report: {cfg.out}/report.md ({metrics['seconds']:.0f} s)")
     for name, t in metrics["targets"].items():
@@ -358,7 +370,7 @@ def bench_rollout_cmd(
     try:
         cfg = RolloutBenchConfig(arch, batch, prompt_tokens, max_new_tokens, static_cache, code_rounds, repeats, device)
     except ValueError as e:
-        raise typer.BadParameter(str(e)) from None
+        _fail(str(e))
     result = bench_rollout(cfg)
     print_rollout_table(result)
     if as_json:
@@ -386,7 +398,7 @@ def bench_train_cmd(
         cfg = TrainBenchConfig(arch, seq_len, micro_batch_size, steps, warmup, gradient_checkpointing, lora_r,
                                device=device)  # fmt: skip
     except ValueError as e:
-        raise typer.BadParameter(str(e)) from None
+        _fail(str(e))
     result = bench_train(cfg)
     print_train_table(result)
     if as_json:

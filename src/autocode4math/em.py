@@ -33,6 +33,7 @@ from autocode4math.config import save_config
 from autocode4math.estep import EStepConfig, add_decision_tokens, advantages, decision_of, record_key, run_estep
 from autocode4math.io import JsonlAppender, read_done, read_json, read_jsonl, write_json, write_jsonl
 from autocode4math.mstep import MStepConfig, run_mstep
+from autocode4math.prompts import MODES
 
 METHODS = ("em", "rl", "sft")
 CHECKPOINTS = Path(__file__).parent / "checkpoints"
@@ -56,6 +57,8 @@ class DevEval:
     def __post_init__(self) -> None:
         if self.every < 0:
             raise ValueError(f"every must be >= 0, got {self.every}")
+        if not self.modes or set(self.modes) - set(MODES):
+            raise ValueError(f"modes must be a non-empty subset of {MODES}, got {self.modes}")
 
 
 @dataclass
