@@ -204,7 +204,7 @@ def view_cmd(
     try:
         path = write_view(runs, out or None, compress=False if no_compress else None)
     except (DataError, OSError) as e:
-        raise typer.BadParameter(str(e)) from None
+        _fail(str(e))
     typer.echo(f"{path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
