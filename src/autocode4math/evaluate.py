@@ -240,8 +240,7 @@ def write_outputs(
 ) -> dict[str, Any]:
     """metrics.json, report.md, two PNGs per benchmark, and the table on the terminal."""
     benchmarks = all_metrics(records)
-    label = Path(config.model.rstrip("/")).name or config.model
-    cost = {bench: cost_points({label: m}) for bench, m in benchmarks.items()}
+    cost = {bench: cost_points({config.model: m}) for bench, m in benchmarks.items()}
     metrics = {
         "model": config.model,
         "ci_method": CI_METHOD,

@@ -190,7 +190,8 @@ def load_source(source: Source, root: Path) -> dict[str, Any]:
     rates0 = {k: v[0] for k, v in q.items() if v[0] is not None}
     rates1 = {k: v[1] for k, v in q.items() if v[1] is not None}
     _flag_choices(records, rates0, rates1, lambda r: r["mode"] == "auto" and not r["prefix"])
-    train = {row["key"]: row.get("advantage") for row in _train_rows(source.path / "train.jsonl")}
+    train_path = source.path / "train.jsonl"
+    train = {row["key"]: row.get("advantage") for row in (read_records(train_path) if train_path.exists() else [])}
     eps = float(_setting(configs, "adv_eps", "estep.adv_eps", default=1e-6))
     for r, adv in zip(records, advantages(records, eps), strict=True):
         key = record_key(r)
@@ -203,10 +204,6 @@ def load_source(source: Source, root: Path) -> dict[str, Any]:
 
 def _records_file(source: Source) -> str:
     return "samples.jsonl" if source.kind == "eval" else "rollouts.jsonl"
-
-
-def _train_rows(path: Path) -> Iterator[dict[str, Any]]:
-    return iter(read_records(path)) if path.exists() else iter(())
 
 
 def _mode_rates(records: Sequence[dict[str, Any]], mode: str) -> dict[str, float]:
