@@ -110,6 +110,29 @@ def test_one_engine_and_two_workers_give_the_same_records(ray_session, tiny_mode
         assert len(set(two.worker_pids())) == 2
 
 
+@pytest.mark.slow
+def test_eval_on_two_workers_writes_what_one_engine_writes(ray_session, tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from autocode4math.cli import app
+
+    outputs = {}
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        args = ["eval", "--model", str(tiny_model_dir), "--benchmarks", "toy", "--limit", "3", "--out", str(out),
+                "--workers", str(workers), "--set", "max_new_tokens=10", "--set", "fleet.shard_size=3"]  # fmt: skip
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        rows = sorted(read_jsonl(out / "samples.jsonl"), key=lambda r: (r["mode"], str(r["id"])))
+        outputs[workers] = (
+            [(r["mode"], r["id"], r["response_ids"]) for r in rows],
+            json.loads((out / "metrics.json").read_text()),
+        )
+    assert len(outputs[1][0]) == 3 * 3  # questions x modes
+    assert outputs[1][0] == outputs[2][0]
+    assert outputs[1][1]["benchmarks"] == outputs[2][1]["benchmarks"]
+
+
 class _KillOnce:
     """Rollouts that SIGKILL one fleet worker process once `after` records have arrived."""
 
