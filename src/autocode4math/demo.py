@@ -8,7 +8,8 @@ Four methods under the same rollout budget (the paper's Fig. 4):
   rollouts, so it is a horizontal line in the token plot).
 Each RL run evaluates on the dev split after every iteration; the final models are evaluated on the
 test split in auto, cot and code modes. The run directory gets `metrics.json`, `report.md` and
-`fig4_accuracy_vs_tokens.png`, `fig5_code_rate_distribution.png`, `fig6_modes.png`.
+`fig4_accuracy_vs_tokens.png`, `fig5_code_rate_distribution.png`, `fig6_modes.png` and
+`fig_cost_pareto.png` (accuracy against tokens and code calls per model and mode).
 
 Everything is resumable: each method is an `em.train` run in its own subdirectory and each
 evaluation an `evaluate.run_eval` output, so rerunning the same command only does what is missing.
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from autocode4math.analysis import seed_interval
+from autocode4math.analysis import cost_table, eval_cost_points, plot_pareto, seed_interval
 from autocode4math.benchmarks import TOY_SOURCES
 from autocode4math.config import save_config, with_overrides
 from autocode4math.em import DevEval, TrainConfig, flatten_metrics, resolve_model, train
@@ -208,6 +209,8 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict[str, Any]:
     elif "sft" in config.methods:
         sft_dev = evaluate(config, fixed["sft"], f"{config.source}:dev", out / "sft" / "dev", progress)
     metrics = aggregate(config, studies, round(time.monotonic() - started, 1), sft_dev)
+    metrics["cost"] = eval_cost_points({_label(m, metrics): path.parent for m, path in studies[0]["samples"].items()})
+    plot_pareto(metrics["cost"], out / "fig_cost_pareto.png", "toy test split: accuracy versus cost")
     write_json(out / "metrics.json", metrics)
     plot_all(metrics, out)
     (out / "report.md").write_text(render_report(metrics), encoding="utf-8")
@@ -487,6 +490,9 @@ def render_report(metrics: dict[str, Any]) -> str:
         )
         interval = f"; 95% interval [{_pct(t['ci95'][0])}, {_pct(t['ci95'][1])}]" if t.get("ci95") else ""
         lines.append(f"- {name}: {'met' if t['met'] else 'NOT met'} on the mean ({figures}{interval})")
+    if metrics.get("cost"):
+        lines += ["", f"## Accuracy versus cost (test split, seed {seeds[0]})", ""]
+        lines += cost_table(metrics["cost"], "fig_cost_pareto.png")
     lines += ["", "## Code use per query (the paper's Fig. 5): share of queries at 0% or 100%", ""]
     for method, by_phase in metrics["code_rate_extremes"].items():
         shares = ", ".join(f"{phase} {_pct(v)}%" for phase, v in by_phase.items())
