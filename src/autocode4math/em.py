@@ -34,6 +34,7 @@ from autocode4math.estep import EStepConfig, add_decision_tokens, advantages, de
 from autocode4math.io import JsonlAppender, read_done, read_json, read_jsonl, write_json, write_jsonl
 from autocode4math.mstep import MStepConfig, run_mstep
 from autocode4math.prompts import MODES
+from autocode4math.sandbox import SandboxConfig, open_sandbox
 
 METHODS = ("em", "rl", "sft")
 CHECKPOINTS = Path(__file__).parent / "checkpoints"
@@ -85,6 +86,8 @@ class TrainConfig:
     estep: EStepConfig = field(default_factory=EStepConfig)
     mstep: MStepConfig = field(default_factory=MStepConfig)
     eval: DevEval = field(default_factory=DevEval)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    """Where and under which limits model code runs, in every stage (e.g. `--set sandbox.url=http://host:8100`)."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -95,6 +98,8 @@ class TrainConfig:
             raise ValueError("rl_samples must be >= 2 (the advantage is normalised within a query's group)")
         if self.sft_per_iteration < 1:
             raise ValueError(f"sft_per_iteration must be >= 1, got {self.sft_per_iteration}")
+        if self.estep.sandbox != SandboxConfig():
+            raise ValueError("set the run's sandbox with sandbox.* (it serves every stage), not estep.sandbox.*")
 
 
 def resolve_model(name: str) -> str:
@@ -168,7 +173,7 @@ def collect(config: TrainConfig, policy: str, problems: list[Any], out: Path, it
     """Build one iteration's training data; return {data: path, tokens: generated, train_tokens: trained}."""
     out.mkdir(parents=True, exist_ok=True)
     if config.method == "em":
-        estep = dataclasses.replace(config.estep, seed=config.estep.seed + it)
+        estep = dataclasses.replace(config.estep, seed=config.estep.seed + it, sandbox=config.sandbox)
         summary = run_estep(policy, problems, estep, out, progress=progress)
         data = out / "train.jsonl"
         return {"data": str(data), "tokens": summary["generated_tokens"], "train_tokens": _train_tokens(data)}
@@ -196,7 +201,9 @@ def collect_on_policy(
                 sink.write(record)
                 done[record_key(record)] = record
 
-            run_rollouts(backend, todo, rollout, on_record=keep, progress=progress, prompt_config=config.estep.prompt)
+            with open_sandbox(config.sandbox) as sandbox:
+                run_rollouts(backend, todo, rollout, on_record=keep, progress=progress, sandbox=sandbox,
+                             prompt_config=config.estep.prompt)  # fmt: skip
     records = [done[_request_key(r)] for r in requests]
     code_prefix = config.estep.prompt.code_prefix
     adv = advantages(records, config.estep.adv_eps)
@@ -302,6 +309,7 @@ def _evaluate_stage(
             batch_size=config.eval.batch_size,
             backend=config.estep.backend,
             prompt=config.estep.prompt,
+            sandbox=config.sandbox,
         )
         metrics = run_eval(ev, progress=progress)
         row = {"iteration": it, "method": config.method, "model": policy, **spent, **flatten_metrics(metrics)}

@@ -35,6 +35,7 @@ from typing import Any
 from autocode4math.io import JsonlAppender, read_done, write_json, write_jsonl
 from autocode4math.prompts import PromptConfig
 from autocode4math.rollout.engine import RolloutConfig, RolloutRequest, encode
+from autocode4math.sandbox import SandboxConfig, open_sandbox
 
 MID_OFFSET = 10_000
 """Sample indices of mid-reasoning continuations start here, so their keys never clash with the rest."""
@@ -76,6 +77,8 @@ class EStepConfig:
     """Sampling of the rollouts (the paper: temperature 1.0, top-p 0.9)."""
     prompt: PromptConfig = field(default_factory=PromptConfig)
     """Prompt template and code prefix."""
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    """Where and under which limits model code runs (e.g. `--set sandbox.url=http://host:8100`, `sandbox.timeout_s`)."""
 
     def __post_init__(self) -> None:
         for name in ("k", "per_query", "n_auto", "mid_per_query", "mid_k", "batch_size"):
@@ -331,12 +334,18 @@ def run_estep(
 
         options = {"batch_size": config.batch_size} if config.backend == "hf" else {}
         backend = make_backend(config.backend, str(model), **options)
+    own_sandbox = sandbox is None
+    sandbox = open_sandbox(config.sandbox) if own_sandbox else sandbox
     kwargs = {"sandbox": sandbox, "grader": grader, "progress": progress}
-    records = _run_missing(backend, main_requests(problems, config), config, out / "rollouts.jsonl", {}, kwargs)
-    if config.mid_reasoning:
-        by_id = {str(p.id): p for p in problems}
-        reqs, partials = mid_requests(records, by_id, config)
-        records += _run_missing(backend, reqs, config, out / "rollouts.jsonl", partials, kwargs)
+    try:
+        records = _run_missing(backend, main_requests(problems, config), config, out / "rollouts.jsonl", {}, kwargs)
+        if config.mid_reasoning:
+            by_id = {str(p.id): p for p in problems}
+            reqs, partials = mid_requests(records, by_id, config)
+            records += _run_missing(backend, reqs, config, out / "rollouts.jsonl", partials, kwargs)
+    finally:
+        if own_sandbox:
+            sandbox.close()
     train, audit = subsample(records, config)
     code_text = config.prompt.code_prefix + "\n"
     for row in train:

@@ -26,6 +26,7 @@ from autocode4math.config import save_config, to_dict
 from autocode4math.io import JsonlAppender, read_done, write_json
 from autocode4math.prompts import MODES, PromptConfig
 from autocode4math.rollout import BACKENDS, RolloutConfig, RolloutRequest, make_backend, make_requests, run_rollouts
+from autocode4math.sandbox import SandboxConfig, open_sandbox
 
 PAPER_SAMPLING = {"aime24": (64, 0.6), "amc23": (64, 0.6)}
 """(n, temperature) the paper uses per benchmark; every other benchmark is greedy with n=1."""
@@ -75,6 +76,8 @@ class EvalConfig:
     group_by: list[str] = field(default_factory=lambda: ["family", "subject", "level"])
     """Problem meta keys to break the analysis down by, where a benchmark has them (toy family, MATH subject)."""
     prompt: PromptConfig = field(default_factory=PromptConfig)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    """Where and under which limits model code runs (e.g. `--set sandbox.url=http://host:8100`, `sandbox.timeout_s`)."""
 
     def __post_init__(self) -> None:
         self.group_by, self.benchmarks, self.modes = map(_comma_list, (self.group_by, self.benchmarks, self.modes))
@@ -122,6 +125,7 @@ def _backend(config: EvalConfig) -> Any:
 
 
 RESUMABLE_CHANGES = (
+    "sandbox",
     "benchmarks",
     "benchmark_files",
     "modes",
@@ -201,9 +205,7 @@ def _generate(plan, config: EvalConfig, backend: Any, sandbox: Any, samples: Pat
     backend = backend or _backend(config)
     own_pool = sandbox is None
     if own_pool:
-        from autocode4math.sandbox import SandboxPool
-
-        sandbox = SandboxPool()
+        sandbox = open_sandbox(config.sandbox)
     try:
         with JsonlAppender(samples) as appender:
             for _, rollout, todo in plan:
