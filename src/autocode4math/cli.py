@@ -6,8 +6,9 @@ Each command's options are its function's signature and its help is the docstrin
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 import typer
@@ -59,6 +60,20 @@ def _config(cls: type, path: str, overrides: list[str], values: dict[str, Any] |
 
     given = {k: v for k, v in (values or {}).items() if v is not None and v != ""}
     return load_config(cls, path or None, overrides, given, **kw)
+
+
+@contextlib.contextmanager
+def _run_errors() -> Iterator[None]:
+    """Failures of a run's machinery (fleet, server, launched M-step) as one message and exit code 1."""
+    from autocode4math.fleet import FleetError
+    from autocode4math.launch import LaunchError
+    from autocode4math.rollout.server import ServerError
+
+    try:
+        yield
+    except (FleetError, LaunchError, ServerError) as e:
+        typer.echo(f"Error: {e}", err=True)
+        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -180,6 +195,20 @@ def bench_grading(
         typer.echo(f"{name}: {value:.1f}" if isinstance(value, float) else f"{name}: {value}")
 
 
+@bench_app.command("view")
+def bench_view_cmd(
+    trajectories: int = typer.Option(20_000, help="Synthetic trajectories in the run."),
+    chars: int = typer.Option(1500, help="Characters of reasoning per trajectory before its answer."),
+    out: str = typer.Option("runs/bench-view", help="Where the synthetic run and its page go."),
+    browser: bool = typer.Option(True, help="Also time load, filter, search in headless Chromium."),
+) -> None:
+    """Size of the `autocode view` page for a large run and how long it takes to load and filter."""
+    from autocode4math.view import bench_view
+
+    for name, value in bench_view(trajectories, chars, out, browser).items():
+        typer.echo(f"{name}: {value}")
+
+
 # --- rollouts and evaluation (eval) ---
 
 
@@ -195,6 +224,7 @@ def eval_(
     benchmark_file: list[str] = typer.Option([], help="Extra benchmark file (.jsonl/.json/.parquet); repeatable."),
     limit: int | None = typer.Option(None, help="Only the first N questions of each benchmark."),
     backend: str = typer.Option("", help="hf (default), openai or vllm."),
+    workers: int | None = typer.Option(None, help="Rollout engines; more than 1 runs them as Ray actors (fleet.*)."),
     config: str = typer.Option("", help="YAML file with EvalConfig fields."),
     overrides: list[str] = typer.Option([], "--set", help="Dotted overrides, e.g. --set max_new_tokens=1024."),
 ) -> None:
@@ -203,9 +233,31 @@ def eval_(
 
     given = {"model": model, "benchmarks": benchmarks, "modes": modes, "out": out, "backend": backend, "n": n}
     given |= {"temperature": temperature, "limit": limit, "benchmark_files": benchmark_file or None}
+    given |= {"fleet.workers": workers}
     if benchmark_file and not benchmarks:
         given["benchmarks"] = []  # only the given files, not the default benchmarks
-    run_eval(_config(EvalConfig, config, overrides, given))
+    cfg = _config(EvalConfig, config, overrides, given)
+    with _run_errors():
+        run_eval(cfg)
+
+
+@app.command("view")
+def view_cmd(
+    run_dir: str = typer.Argument(..., help="A run directory: an eval, an E-step, a training run or the demo."),
+    run_dir_b: str = typer.Argument("", help="A second run directory, shown beside the first (sources A and B)."),
+    out: str = typer.Option("", help="The HTML file to write (default: RUN_DIR/view.html)."),
+    no_compress: bool = typer.Option(False, "--no-compress", help="Embed plain JSON even when the data is large."),
+) -> None:
+    """One self-contained HTML page (opens from disk, no server) to read, filter and compare a run's trajectories."""
+    from autocode4math.io import DataError
+    from autocode4math.view import write_view
+
+    runs = [run_dir, *([run_dir_b] if run_dir_b else [])]
+    try:
+        path = write_view(runs, out or None, compress=False if no_compress else None)
+    except (DataError, OSError) as e:
+        _fail(str(e))
+    typer.echo(f"{path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
 # --- toy world (toy ...) ---
@@ -314,16 +366,26 @@ def train_cmd(
     queries: str = typer.Option("", help="Training queries (train split): toy, a file, or a HF dataset id."),
     out: str = typer.Option("", help="Run directory; running the same command again resumes it."),
     iterations: int | None = typer.Option(None, help="EM iterations (E-step, M-step, dev evaluation each)."),
+    workers: int | None = typer.Option(
+        None, help="Rollout engines (E-step, RL collection, dev evaluation); more than 1 runs them as Ray actors."
+    ),
+    launch: str = typer.Option(
+        "",
+        help="Run each M-step under accelerate launch with this preset: single_gpu, ddp, fsdp, deepspeed_zero2, "
+        "cpu_ddp, or a YAML file (default: in this process).",
+    ),
     overrides: list[str] = typer.Option(
-        [], "--set", help="Dotted overrides, e.g. --set estep.k=8 --set mstep.lr=1e-5."
+        [], "--set", help="Dotted overrides, e.g. --set estep.k=8 --set mstep.lr=1e-5 --set fleet.address=auto."
     ),
 ) -> None:
     """The EM loop (or a baseline): collect data, update the policy, evaluate on dev; resumable by stage."""
     from autocode4math.em import TrainConfig, train
 
     given = {"method": method, "model": model, "queries": queries, "out": out, "iterations": iterations}
+    given |= {"fleet.workers": workers, "launch.preset": launch}
     cfg = _config(TrainConfig, config, overrides, given)
-    rows = train(cfg)
+    with _run_errors():
+        rows = train(cfg)
     last = rows[-1] if rows else {}
     typer.echo(f"done: {cfg.out} (final dev auto accuracy {last.get('auto_accuracy')})")
 
@@ -403,6 +465,34 @@ def bench_train_cmd(
     print_train_table(result)
     if as_json:
         typer.echo(json.dumps(result))
+
+
+@bench_app.command("fleet")
+def bench_fleet_cmd(
+    workers: str = typer.Option("1,2", help="Comma-separated worker counts, measured in order in one run."),
+    queries: int = typer.Option(32, help="Toy train questions (each: K rollouts per code decision)."),
+    k: int = typer.Option(4, help="Rollouts per question and decision."),
+    max_new_tokens: int = typer.Option(256, help="Token budget per trajectory."),
+    shard_size: int = typer.Option(32, help="Requests per shard (one engine run each)."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature (the E-step's 1.0; 0 for greedy)."),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable JSON object as the last line."),
+) -> None:
+    """E-step throughput (trajectories/s, tokens/s) on the toy world with 1..N CPU workers, and the speedup."""
+    import json
+
+    from autocode4math.scaling import FleetBenchConfig, bench_fleet, print_fleet_table
+
+    try:
+        counts = [int(w) for w in workers.split(",") if w.strip()]
+        cfg = FleetBenchConfig(counts, queries, k, max_new_tokens, shard_size, temperature=temperature)
+    except ValueError as e:
+        _fail(f"--workers {workers!r}: {e}")
+    with _run_errors():
+        result = bench_fleet(cfg, progress=not as_json)
+    print_fleet_table(result)
+    if as_json:
+        keys = ("workers", "tokens_per_s", "trajectories_per_s", "speedup", "same_records")
+        typer.echo(json.dumps({**{key: result[key] for key in keys}, "runs": result["runs"]}))
 
 
 if __name__ == "__main__":  # `accelerate launch -m autocode4math.cli mstep ...`

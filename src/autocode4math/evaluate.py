@@ -8,7 +8,8 @@ Outputs in `out/`:
   whose model or sampling settings differ from the saved config.yaml is refused rather than mixed.
 - `metrics.json`: per benchmark and mode (accuracy with a 95% interval, code use, code calls,
   code error rate, tokens), the union bound and auto's selection accuracy (see analysis.py).
-- `report.md` and `plots/<benchmark>.png` (auto vs cot vs code vs union).
+- `report.md`, `plots/<benchmark>.png` (auto vs cot vs code vs union) and `plots/<benchmark>_cost.png`
+  (accuracy against generated tokens and against code calls, with the Pareto front).
 
 Sampling defaults follow the paper: greedy Pass@1, except AIME24 and AMC23 with 64 samples at
 temperature 0.6; `n` and `temperature` override both when given.
@@ -17,16 +18,27 @@ temperature 0.6; `n` and `temperature` override both when given.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from autocode4math.analysis import CI_METHOD, all_metrics, breakdown, plot_benchmark
+from autocode4math.analysis import (
+    CI_METHOD,
+    all_metrics,
+    breakdown,
+    cost_points,
+    cost_table,
+    plot_benchmark,
+    plot_pareto,
+)
 from autocode4math.config import save_config, to_dict
+from autocode4math.fleet import FleetConfig, as_rollouts, open_engines
 from autocode4math.io import JsonlAppender, read_done, write_json
 from autocode4math.prompts import MODES, PromptConfig
-from autocode4math.rollout import BACKENDS, RolloutConfig, RolloutRequest, make_backend, make_requests, run_rollouts
-from autocode4math.sandbox import SandboxConfig, open_sandbox
+from autocode4math.rollout import BACKENDS, RolloutConfig, RolloutRequest, make_requests
+from autocode4math.sandbox import SandboxConfig
 
 PAPER_SAMPLING = {"aime24": (64, 0.6), "amc23": (64, 0.6)}
 """(n, temperature) the paper uses per benchmark; every other benchmark is greedy with n=1."""
@@ -76,6 +88,8 @@ class EvalConfig:
     group_by: list[str] = field(default_factory=lambda: ["family", "subject", "level"])
     """Problem meta keys to break the analysis down by, where a benchmark has them (toy family, MATH subject)."""
     prompt: PromptConfig = field(default_factory=PromptConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
+    """Where the rollouts run: this process (workers=1) or a Ray fleet (`--workers N`, fleet.address)."""
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     """Where and under which limits model code runs (e.g. `--set sandbox.url=http://host:8100`, `sandbox.timeout_s`)."""
 
@@ -114,18 +128,28 @@ def _load(config: EvalConfig) -> dict[str, list[Any]]:
     return groups
 
 
-def _backend(config: EvalConfig) -> Any:
-    if not config.model:
-        raise ValueError("EvalConfig.model is empty: give --model PATH_OR_ID")
+def backend_options(config: EvalConfig) -> dict[str, Any]:
+    """Keyword arguments of `rollout.make_backend` for the evaluation's backend."""
     if config.backend == "hf":
-        return make_backend("hf", config.model, batch_size=config.batch_size)
+        return {"batch_size": config.batch_size}
     if config.backend == "openai":
-        return make_backend("openai", config.model, base_url=config.base_url, concurrency=config.concurrency)
-    return make_backend("vllm", config.model)
+        return {"base_url": config.base_url, "concurrency": config.concurrency}
+    return {}
+
+
+@contextmanager
+def _rollouts(config: EvalConfig, backend: Any, sandbox: Any, rollouts: Any) -> Iterator[Any]:
+    """The rollouts given, a given backend (and sandbox) run here, or the engines `config.fleet` describes."""
+    if not config.model and rollouts is None and backend is None:
+        raise ValueError("EvalConfig.model is empty: give --model PATH_OR_ID")
+    if rollouts is not None or backend is not None or sandbox is not None:
+        yield rollouts or as_rollouts(backend or config.model, config.backend, backend_options(config), sandbox)
+        return
+    with open_engines(config.fleet, config.backend, backend_options(config), config.sandbox) as engines:
+        yield engines.rollouts(config.model)
 
 
 RESUMABLE_CHANGES = (
-    "sandbox",
     "benchmarks",
     "benchmark_files",
     "modes",
@@ -137,6 +161,8 @@ RESUMABLE_CHANGES = (
     "base_url",
     "backend",
     "group_by",
+    "fleet",
+    "sandbox",
 )
 """Fields that may differ when resuming; any other change would mix samples of two settings."""
 
@@ -160,8 +186,14 @@ def _key(record: dict[str, Any]) -> tuple[str, str, str, int]:
     return (str(record["benchmark"]), record["mode"], str(record["id"]), int(record["sample"]))
 
 
-def run_eval(config: EvalConfig, *, backend: Any = None, sandbox: Any = None, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) the evaluation; write samples, metrics, report and plots; return the metrics."""
+def run_eval(
+    config: EvalConfig, *, backend: Any = None, sandbox: Any = None, rollouts: Any = None, progress: bool = True
+) -> dict[str, Any]:
+    """Run (or resume) the evaluation; write samples, metrics, report and plots; return the metrics.
+
+    Trajectories run on `rollouts` when given (e.g. a training run's fleet), else on `backend` (and
+    `sandbox`) in this process, else on the engines `config.fleet` describes.
+    """
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     _check_resume(config, out)
@@ -185,7 +217,10 @@ def run_eval(config: EvalConfig, *, backend: Any = None, sandbox: Any = None, pr
         )
         plan.append((bench, rollout, [r for r in requests if r.key() not in done]))
     if any(todo for _, _, todo in plan):
-        _generate(plan, config, backend, sandbox, samples, progress)
+        with _rollouts(config, backend, sandbox, rollouts) as runner, JsonlAppender(samples) as appender:
+            for _, rollout, todo in plan:
+                if todo:
+                    runner.run(todo, rollout, on_record=appender.write, prompt_config=config.prompt, progress=progress)
     records = [r for r in read_done(samples) if _key(r) in wanted]
     labels = group_labels(groups, config.group_by)
     return write_outputs(records, config, out, {b: sampling_for(b, config) for b in groups}, labels)
@@ -201,29 +236,6 @@ def group_labels(groups: dict[str, list[Any]], keys: list[str]) -> dict[str, dic
     return out
 
 
-def _generate(plan, config: EvalConfig, backend: Any, sandbox: Any, samples: Path, progress: bool) -> None:
-    backend = backend or _backend(config)
-    own_pool = sandbox is None
-    if own_pool:
-        sandbox = open_sandbox(config.sandbox)
-    try:
-        with JsonlAppender(samples) as appender:
-            for _, rollout, todo in plan:
-                if todo:
-                    run_rollouts(
-                        backend,
-                        todo,
-                        rollout,
-                        on_record=appender.write,
-                        progress=progress,
-                        sandbox=sandbox,
-                        prompt_config=config.prompt,
-                    )
-    finally:
-        if own_pool:
-            sandbox.close()
-
-
 def write_outputs(
     records: list[dict[str, Any]],
     config: EvalConfig,
@@ -231,8 +243,9 @@ def write_outputs(
     sampling: dict[str, tuple[int, float]],
     labels: dict[str, dict[str, dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
-    """metrics.json, report.md, one PNG per benchmark, and the table on the terminal."""
+    """metrics.json, report.md, two PNGs per benchmark, and the table on the terminal."""
     benchmarks = all_metrics(records)
+    cost = {bench: cost_points({config.model: m}) for bench, m in benchmarks.items()}
     metrics = {
         "model": config.model,
         "ci_method": CI_METHOD,
@@ -242,10 +255,12 @@ def write_outputs(
             bench: {key: breakdown([r for r in records if r["benchmark"] == bench], ids) for key, ids in by_key.items()}
             for bench, by_key in (labels or {}).items()
         },
+        "cost": cost,
     }
     write_json(out / "metrics.json", metrics)
     for bench, m in benchmarks.items():
         plot_benchmark(bench, m, out / "plots" / f"{bench}.png")
+        plot_pareto(cost[bench], out / "plots" / f"{bench}_cost.png", f"{bench}: accuracy versus cost")
     (out / "report.md").write_text(render_report(metrics), encoding="utf-8")
     print_table(metrics)
     return metrics
@@ -264,6 +279,7 @@ def _rows(m: dict[str, Any]) -> list[list[str]]:
             f"{_pct(v['ci_low'])}-{_pct(v['ci_high'])}",
             _pct(v["code_use_rate"]),
             f"{v['mean_code_calls']:.2f}",
+            "-" if v.get("mean_sandbox_s") is None else f"{v['mean_sandbox_s']:.3f}",
             _pct(v["code_error_rate"]),
             f"{v['mean_tokens']:.0f}",
         ]
@@ -271,7 +287,7 @@ def _rows(m: dict[str, Any]) -> list[list[str]]:
     ]
 
 
-HEADER = ["mode", "n", "acc %", "95% CI", "code %", "calls", "err %", "tokens"]
+HEADER = ["mode", "n", "acc %", "95% CI", "code %", "calls", "sandbox s", "err %", "tokens"]
 
 
 def _summary(m: dict[str, Any]) -> str:
@@ -298,6 +314,9 @@ def render_report(metrics: dict[str, Any]) -> str:
         summary = _summary(m)
         lines += ["", summary, ""] if summary else [""]
         lines += [f"![{bench}](plots/{bench}.png)", ""]
+        if metrics.get("cost", {}).get(bench):
+            lines += [f"### {bench}: accuracy versus cost", ""]
+            lines += [*cost_table(metrics["cost"][bench], f"plots/{bench}_cost.png"), ""]
         for key, table in metrics.get("breakdown", {}).get(bench, {}).items():
             lines += [f"### {bench} by {key}", "", *breakdown_table(table), ""]
     lines += [
@@ -305,8 +324,10 @@ def render_report(metrics: dict[str, Any]) -> str:
         "",
         f"- Accuracy: mean correctness over all samples; 95% interval: {metrics['ci_method']}.",
         "- n: samples; code %: share of samples that executed at least one code block; calls: mean executed code"
-        " blocks per sample; err %: share of executed blocks whose status is not ok; tokens: mean model-generated"
-        " tokens.",
+        " blocks per sample; sandbox s: mean seconds the sandbox ran a sample's code; err %: share of executed"
+        " blocks whose status is not ok; tokens: mean model-generated tokens (tool output excluded).",
+        "- Per question (/ q): the mean over samples, i.e. the cost of answering a question once. Pareto front:"
+        " no other mode or model is at least as accurate for at most the same tokens (or code calls).",
         "- Union bound: mean over questions of max(cot solve rate, code solve rate).",
         "- Selection accuracy: over auto samples of questions where cot and code solve rates differ, the share"
         " whose use of code matches the better mode; tied questions are excluded.",
