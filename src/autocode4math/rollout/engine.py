@@ -11,7 +11,6 @@ call. At most `max_active` trajectories are in flight; finished ones are replace
 Deliberate simplifications:
 - Only the last complete ```python block before a stop is executed (the one the output belongs to).
 - The token budget counts every response token (model and tool), since both fill the context.
-- One sampling seed per backend call on batched backends; per-request seeds on servers.
 """
 
 from __future__ import annotations
