@@ -30,7 +30,15 @@ from pathlib import Path
 from typing import Any
 
 from autocode4math.config import save_config
-from autocode4math.estep import EStepConfig, add_decision_tokens, advantages, decision_of, record_key, run_estep
+from autocode4math.estep import (
+    EStepConfig,
+    add_decision_tokens,
+    advantages,
+    decision_of,
+    record_key,
+    run_estep,
+    tokens_from_counts,
+)
 from autocode4math.io import JsonlAppender, read_done, read_json, read_jsonl, write_json, write_jsonl
 from autocode4math.mstep import MStepConfig, run_mstep
 
@@ -178,13 +186,14 @@ def collect_on_policy(
     config: TrainConfig, policy: str, problems: list[Any], out: Path, it: int, progress: bool
 ) -> dict:
     """On-policy rollouts of the current policy in auto mode; every rollout is a training record."""
-    from autocode4math.rollout import make_backend, make_requests, run_rollouts
+    from autocode4math.rollout import RolloutStats, make_backend, make_requests, run_rollouts
 
     path = out / "rollouts.jsonl"
     done = {record_key(r): r for r in read_done(path)}
     requests = make_requests(problems, ["auto"], config.rl_samples, config.estep.prompt)
     todo = [r for r in requests if _request_key(r) not in done]
     backend = make_backend(config.estep.backend, policy, **_backend_options(config))
+    stats = RolloutStats()
     if todo:
         rollout = dataclasses.replace(config.estep.rollout, seed=config.estep.rollout.seed + it)
         with JsonlAppender(path) as sink:
@@ -193,7 +202,8 @@ def collect_on_policy(
                 sink.write(record)
                 done[record_key(record)] = record
 
-            run_rollouts(backend, todo, rollout, on_record=keep, progress=progress, prompt_config=config.estep.prompt)
+            prompt = config.estep.prompt
+            run_rollouts(backend, todo, rollout, on_record=keep, progress=progress, prompt_config=prompt, stats=stats)
     records = [done[_request_key(r)] for r in requests]
     code_prefix = config.estep.prompt.code_prefix
     adv = advantages(records, config.estep.adv_eps)
@@ -205,7 +215,8 @@ def collect_on_policy(
     data = out / "train.jsonl"
     write_jsonl(data, train)
     tokens = sum(int(r["n_generated_tokens"]) for r in records)
-    write_json(out / "summary.json", {"n_rollouts": len(records), "generated_tokens": tokens})
+    summary = {"n_rollouts": len(records), "generated_tokens": tokens, "tokens_from": tokens_from_counts(records)}
+    write_json(out / "summary.json", {**summary, "rollout": stats.to_dict() if stats.trajectories else None})
     return {"data": str(data), "tokens": tokens, "train_tokens": _train_tokens(data)}
 
 
@@ -274,7 +285,9 @@ def _request_key(request: Any) -> str:
 
 
 def _backend_options(config: TrainConfig) -> dict[str, Any]:
-    return {"batch_size": config.estep.batch_size} if config.estep.backend == "hf" else {}
+    from autocode4math.rollout import backend_options
+
+    return backend_options(config.estep.backend, batch_size=config.estep.batch_size, server=config.estep.server)
 
 
 def _evaluate_stage(
@@ -298,6 +311,7 @@ def _evaluate_stage(
             max_new_tokens=config.eval.max_new_tokens,
             batch_size=config.eval.batch_size,
             backend=config.estep.backend,
+            server=config.estep.server,
             prompt=config.estep.prompt,
         )
         metrics = run_eval(ev, progress=progress)

@@ -34,7 +34,8 @@ from typing import Any
 
 from autocode4math.io import JsonlAppender, read_done, write_json, write_jsonl
 from autocode4math.prompts import PromptConfig
-from autocode4math.rollout.engine import RolloutConfig, RolloutRequest, encode
+from autocode4math.rollout.engine import RolloutConfig, RolloutRequest, RolloutStats, encode
+from autocode4math.rollout.openai import ServerConfig
 
 MID_OFFSET = 10_000
 """Sample indices of mid-reasoning continuations start here, so their keys never clash with the rest."""
@@ -72,6 +73,8 @@ class EStepConfig:
     """Rollout backend when `model` is a path: hf, openai or vllm."""
     batch_size: int = 16
     """Generation batch size (hf backend)."""
+    server: ServerConfig = field(default_factory=ServerConfig)
+    """openai backend: server URLs, tokenizer, API key variable, concurrency, token ids, timeouts, retries."""
     rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(temperature=1.0, top_p=0.9))
     """Sampling of the rollouts (the paper: temperature 1.0, top-p 0.9)."""
     prompt: PromptConfig = field(default_factory=PromptConfig)
@@ -327,11 +330,12 @@ def run_estep(
     save_config(config, out / "estep_config.yaml")
     backend = model
     if isinstance(model, (str, Path)):
-        from autocode4math.rollout import make_backend
+        from autocode4math.rollout import backend_options, make_backend
 
-        options = {"batch_size": config.batch_size} if config.backend == "hf" else {}
+        options = backend_options(config.backend, batch_size=config.batch_size, server=config.server)
         backend = make_backend(config.backend, str(model), **options)
-    kwargs = {"sandbox": sandbox, "grader": grader, "progress": progress}
+    stats = RolloutStats()
+    kwargs = {"sandbox": sandbox, "grader": grader, "progress": progress, "stats": stats}
     records = _run_missing(backend, main_requests(problems, config), config, out / "rollouts.jsonl", {}, kwargs)
     if config.mid_reasoning:
         by_id = {str(p.id): p for p in problems}
@@ -343,7 +347,7 @@ def run_estep(
         add_decision_tokens(row, backend.tokenizer, code_text, config.prompt.code_prefix)
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "audit.jsonl", audit)
-    summary = _summary(records, train)
+    summary = {**_summary(records, train), "rollout": stats.to_dict() if stats.trajectories else None}
     write_json(out / "summary.json", summary)
     return summary
 
@@ -361,7 +365,16 @@ def _summary(records: Sequence[dict[str, Any]], train: Sequence[dict[str, Any]])
         "train_code_rate": rate(train, "used_code"),
         "train_c1_share": sum(r["c"] for r in train) / len(train) if train else None,
         "generated_tokens": sum(int(r["n_generated_tokens"]) for r in records),
+        "tokens_from": tokens_from_counts(records),
     }
+
+
+def tokens_from_counts(records: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """How many records hold the model's own tokens (model, server) and how many re-tokenized text (local)."""
+    counts: dict[str, int] = defaultdict(int)
+    for r in records:
+        counts[str(r.get("tokens_from", "unrecorded"))] += 1
+    return dict(sorted(counts.items()))
 
 
 __all__ = [
@@ -377,4 +390,5 @@ __all__ = [
     "reference_strategy",
     "run_estep",
     "subsample",
+    "tokens_from_counts",
 ]

@@ -25,7 +25,17 @@ from autocode4math.analysis import CI_METHOD, all_metrics, breakdown, plot_bench
 from autocode4math.config import save_config, to_dict
 from autocode4math.io import JsonlAppender, read_done, write_json
 from autocode4math.prompts import MODES, PromptConfig
-from autocode4math.rollout import BACKENDS, RolloutConfig, RolloutRequest, make_backend, make_requests, run_rollouts
+from autocode4math.rollout import (
+    BACKENDS,
+    RolloutConfig,
+    RolloutRequest,
+    RolloutStats,
+    ServerConfig,
+    backend_options,
+    make_backend,
+    make_requests,
+    run_rollouts,
+)
 
 PAPER_SAMPLING = {"aime24": (64, 0.6), "amc23": (64, 0.6)}
 """(n, temperature) the paper uses per benchmark; every other benchmark is greedy with n=1."""
@@ -68,10 +78,8 @@ class EvalConfig:
     """hf backend: rows per generate call."""
     max_active: int = 64
     """Trajectories in flight at once."""
-    base_url: str = "http://127.0.0.1:8000/v1"
-    """openai backend: the server's /v1 URL."""
-    concurrency: int = 16
-    """openai backend: requests in flight."""
+    server: ServerConfig = field(default_factory=ServerConfig)
+    """openai backend: server URLs, tokenizer, API key variable, concurrency, token ids, timeouts, retries."""
     group_by: list[str] = field(default_factory=lambda: ["family", "subject", "level"])
     """Problem meta keys to break the analysis down by, where a benchmark has them (toy family, MATH subject)."""
     prompt: PromptConfig = field(default_factory=PromptConfig)
@@ -114,11 +122,8 @@ def _load(config: EvalConfig) -> dict[str, list[Any]]:
 def _backend(config: EvalConfig) -> Any:
     if not config.model:
         raise ValueError("EvalConfig.model is empty: give --model PATH_OR_ID")
-    if config.backend == "hf":
-        return make_backend("hf", config.model, batch_size=config.batch_size)
-    if config.backend == "openai":
-        return make_backend("openai", config.model, base_url=config.base_url, concurrency=config.concurrency)
-    return make_backend("vllm", config.model)
+    options = backend_options(config.backend, batch_size=config.batch_size, server=config.server)
+    return make_backend(config.backend, config.model, **options)
 
 
 RESUMABLE_CHANGES = (
@@ -129,8 +134,7 @@ RESUMABLE_CHANGES = (
     "out",
     "batch_size",
     "max_active",
-    "concurrency",
-    "base_url",
+    "server",
     "backend",
     "group_by",
 )
@@ -180,11 +184,13 @@ def run_eval(config: EvalConfig, *, backend: Any = None, sandbox: Any = None, pr
             max_active=config.max_active,
         )
         plan.append((bench, rollout, [r for r in requests if r.key() not in done]))
+    stats = RolloutStats()
     if any(todo for _, _, todo in plan):
-        _generate(plan, config, backend, sandbox, samples, progress)
+        _generate(plan, config, backend, sandbox, samples, progress, stats)
     records = [r for r in read_done(samples) if _key(r) in wanted]
     labels = group_labels(groups, config.group_by)
-    return write_outputs(records, config, out, {b: sampling_for(b, config) for b in groups}, labels)
+    sampling = {b: sampling_for(b, config) for b in groups}
+    return write_outputs(records, config, out, sampling, labels, stats if stats.trajectories else None)
 
 
 def group_labels(groups: dict[str, list[Any]], keys: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -197,7 +203,9 @@ def group_labels(groups: dict[str, list[Any]], keys: list[str]) -> dict[str, dic
     return out
 
 
-def _generate(plan, config: EvalConfig, backend: Any, sandbox: Any, samples: Path, progress: bool) -> None:
+def _generate(
+    plan, config: EvalConfig, backend: Any, sandbox: Any, samples: Path, progress: bool, stats: RolloutStats
+) -> None:
     backend = backend or _backend(config)
     own_pool = sandbox is None
     if own_pool:
@@ -216,6 +224,7 @@ def _generate(plan, config: EvalConfig, backend: Any, sandbox: Any, samples: Pat
                         progress=progress,
                         sandbox=sandbox,
                         prompt_config=config.prompt,
+                        stats=stats,
                     )
     finally:
         if own_pool:
@@ -228,8 +237,12 @@ def write_outputs(
     out: Path,
     sampling: dict[str, tuple[int, float]],
     labels: dict[str, dict[str, dict[str, Any]]] | None = None,
+    rollout: RolloutStats | None = None,
 ) -> dict[str, Any]:
-    """metrics.json, report.md, one PNG per benchmark, and the table on the terminal."""
+    """metrics.json, report.md, one PNG per benchmark, and the table on the terminal.
+
+    `rollout`: what this run's generation measured (schedule, backend occupancy); None when nothing was generated.
+    """
     benchmarks = all_metrics(records)
     metrics = {
         "model": config.model,
@@ -240,6 +253,7 @@ def write_outputs(
             bench: {key: breakdown([r for r in records if r["benchmark"] == bench], ids) for key, ids in by_key.items()}
             for bench, by_key in (labels or {}).items()
         },
+        "rollout": rollout.to_dict() if rollout is not None else None,
     }
     write_json(out / "metrics.json", metrics)
     for bench, m in benchmarks.items():
@@ -298,6 +312,8 @@ def render_report(metrics: dict[str, Any]) -> str:
         lines += [f"![{bench}](plots/{bench}.png)", ""]
         for key, table in metrics.get("breakdown", {}).get(bench, {}).items():
             lines += [f"### {bench} by {key}", "", *breakdown_table(table), ""]
+    if metrics.get("rollout"):
+        lines += ["## Generation (this run)", "", RolloutStats(**metrics["rollout"]).summary() + ".", ""]
     lines += [
         "## Definitions",
         "",
@@ -305,6 +321,8 @@ def render_report(metrics: dict[str, Any]) -> str:
         "- n: samples; code %: share of samples that executed at least one code block; calls: mean executed code"
         " blocks per sample; err %: share of executed blocks whose status is not ok; tokens: mean model-generated"
         " tokens.",
+        "- Backend occupancy: time-weighted mean of generation requests in flight, over the trajectories allowed in"
+        " flight (max_active).",
         "- Union bound: mean over questions of max(cot solve rate, code solve rate).",
         "- Selection accuracy: over auto samples of questions where cot and code solve rates differ, the share"
         " whose use of code matches the better mode; tied questions are excluded.",
@@ -354,6 +372,8 @@ def print_table(metrics: dict[str, Any]) -> None:
             for cells in _breakdown_rows(groups):
                 sub.add_row(*cells)
             console.print(sub)
+    if metrics.get("rollout"):
+        console.print("generation: " + RolloutStats(**metrics["rollout"]).summary())
 
 
 def replace(config: EvalConfig, **changes: Any) -> EvalConfig:
