@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from autocode4math.mstep import (
     batch_loss,
     collate,
     decision_loss,
+    latest_checkpoint,
     load_samples,
     lr_lambda,
     micro_batches,
@@ -337,6 +339,18 @@ def _write_train(tok, path, n=8):
     return path
 
 
+class Killed(Exception):
+    pass
+
+
+def _kill_at(n):
+    def on_step(step, metrics):
+        if step == n:
+            raise Killed
+
+    return on_step
+
+
 @pytest.mark.slow
 def test_run_mstep_resumes_to_the_same_result(tiny_model_dir, tiny, tmp_path):
     from transformers import AutoModelForCausalLM
@@ -346,16 +360,9 @@ def test_run_mstep_resumes_to_the_same_result(tiny_model_dir, tiny, tmp_path):
     config = MStepConfig(lr=1e-3, micro_batch_size=2, grad_accum=2, epochs=2, save_every=2, warmup_steps=1)
     full = run_mstep(tiny_model_dir, data, config, tmp_path / "full", progress=False)
 
-    class Killed(Exception):
-        pass
-
-    def kill_at_3(step, metrics):
-        if step == 3:
-            raise Killed
-
     with pytest.raises(Killed):
-        run_mstep(tiny_model_dir, data, config, tmp_path / "resumed", on_step=kill_at_3, progress=False)
-    assert json.loads((tmp_path / "resumed/state/trainer.json").read_text()) == {"step": 2}
+        run_mstep(tiny_model_dir, data, config, tmp_path / "resumed", on_step=_kill_at(3), progress=False)
+    assert latest_checkpoint(tmp_path / "resumed").name == "step-00000002"
     resumed = run_mstep(tiny_model_dir, data, config, tmp_path / "resumed", progress=False)
     a, b = AutoModelForCausalLM.from_pretrained(full), AutoModelForCausalLM.from_pretrained(resumed)
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
@@ -369,6 +376,125 @@ def test_run_mstep_resumes_to_the_same_result(tiny_model_dir, tiny, tmp_path):
     assert rows[0]["lr"] == pytest.approx(1e-3) and rows[-1]["lr"] < rows[1]["lr"]  # warmup 1, then cosine
     assert any((tmp_path / "full/tb").iterdir())
     assert (tmp_path / "full/model/tokenizer.json").exists()
+
+
+RESUME = MStepConfig(lr=1e-3, micro_batch_size=2, grad_accum=2, epochs=2, save_every=2, warmup_steps=1)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, tiny, tmp_path_factory):
+    """An uninterrupted M-step run (4 steps, checkpoints at 2 and 4) and its data file."""
+    _, tok = tiny
+    root = tmp_path_factory.mktemp("mstep_reference")
+    data = _write_train(tok, root / "train.jsonl")
+    return data, run_mstep(tiny_model_dir, data, RESUME, root / "full", progress=False)
+
+
+def _same_weights(a_dir, b_dir):
+    from safetensors.torch import load_file
+
+    a, b = load_file(a_dir / "model.safetensors"), load_file(b_dir / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6), name
+
+
+def _tb_steps(tb_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = list(tb_dir.iterdir())
+    acc = EventAccumulator(str(tb_dir))
+    acc.Reload()
+    return len(files), [e.step for e in acc.Scalars("mstep/loss")]
+
+
+@pytest.mark.slow
+def test_killed_before_the_first_checkpoint_logs_each_step_once(tiny_model_dir, reference, tmp_path):
+    data, full = reference
+    out = tmp_path / "m"
+    for _ in range(2):  # killed twice after step 1, before the checkpoint of step 2
+        with pytest.raises(Killed):
+            run_mstep(tiny_model_dir, data, RESUME, out, on_step=_kill_at(1), progress=False)
+    assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [1]
+    run_mstep(tiny_model_dir, data, RESUME, out, progress=False)
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert _tb_steps(out / "tb") == (1, [1, 2, 3, 4])  # one event file, each step once
+    _same_weights(full, out / "model")
+
+
+@pytest.mark.slow
+def test_resume_recovers_from_half_written_checkpoints(tiny_model_dir, reference, tmp_path):
+    import shutil
+
+    data, full = reference
+    out = tmp_path / "m"
+    with pytest.raises(Killed):
+        run_mstep(tiny_model_dir, data, RESUME, out, on_step=_kill_at(3), progress=False)
+    good = latest_checkpoint(out)
+    assert good.name == "step-00000002"
+    bad = {n: out / "state" / f"step-0000000{n}" for n in (4, 5, 6, 7)}  # newer, but each one damaged
+    for path in bad.values():
+        shutil.copytree(good, path)
+    (bad[4] / "trainer.json").unlink()  # killed before the completion marker was written
+    (bad[5] / "model.safetensors").unlink()  # a checkpoint without weights
+    (bad[6] / "optimizer.bin").write_bytes((bad[6] / "optimizer.bin").read_bytes()[:100])  # a torn file
+    shutil.rmtree(bad[7])
+    bad[7].mkdir()  # killed right after creating the directory
+    (out / "state" / "leftover.tmp").mkdir()  # not a checkpoint at all
+    assert latest_checkpoint(out) == good
+    run_mstep(tiny_model_dir, data, RESUME, out, progress=False)
+    _same_weights(full, out / "model")
+    assert sorted(d.name for d in (out / "state").iterdir()) == ["leftover.tmp", "step-00000004"]
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_a_kill_while_saving_keeps_the_previous_checkpoint(tiny_model_dir, reference, tmp_path, monkeypatch):
+    import autocode4math.mstep as mstep
+
+    data, full = reference
+    out = tmp_path / "m"
+    real = mstep.write_json
+
+    def die_on_second_marker(path, obj):
+        if path.name == "trainer.json" and obj["step"] == 4:
+            raise Killed  # step 4's files are written, its marker is not
+        real(path, obj)
+
+    monkeypatch.setattr(mstep, "write_json", die_on_second_marker)
+    with pytest.raises(Killed):
+        run_mstep(tiny_model_dir, data, RESUME, out, progress=False)
+    monkeypatch.setattr(mstep, "write_json", real)
+    assert latest_checkpoint(out).name == "step-00000002"
+    assert (out / "state" / "step-00000004" / "model.safetensors").exists()
+    run_mstep(tiny_model_dir, data, RESUME, out, progress=False)
+    _same_weights(full, out / "model")
+
+
+@pytest.mark.slow
+def test_changed_settings_or_data_refuse_instead_of_reusing(tiny_model_dir, tiny, reference, tmp_path):
+    import shutil
+
+    from autocode4math.fingerprint import ResumeError
+
+    data, full = reference
+    out = tmp_path / "m"
+    shutil.copytree(full.parent, out)  # a finished M-step
+    assert run_mstep(tiny_model_dir, data, replace(RESUME, save_every=1), out, progress=False) == out / "model"
+    with pytest.raises(ResumeError, match=r"lr: 0\.001 -> 0\.002.*--overwrite"):
+        run_mstep(tiny_model_dir, data, replace(RESUME, lr=2e-3), out, progress=False)
+    other = _write_train(tiny[1], tmp_path / "other.jsonl", n=10)
+    with pytest.raises(ResumeError, match=r"data: \"sha256:"):
+        run_mstep(tiny_model_dir, other, RESUME, out, progress=False)
+    with pytest.raises(ResumeError, match=r"model: "):
+        run_mstep(full, data, RESUME, out, progress=False)
+    (out / "fingerprint.json").unlink()  # results without a record cannot be checked
+    with pytest.raises(ResumeError, match="without a fingerprint"):
+        run_mstep(tiny_model_dir, data, RESUME, out, progress=False)
+    model = run_mstep(tiny_model_dir, data, replace(RESUME, lr=2e-3), out, progress=False, overwrite=True)
+    assert json.loads((out / "fingerprint.json").read_text())["settings"]["lr"] == 2e-3
+    assert [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()][0] == 2e-3
+    assert "lr: 0.002" in (model.parent / "mstep_config.yaml").read_text()
 
 
 def test_lora_trains_only_the_adapted_projections_and_saves_merged(tiny_model_dir, tiny, tmp_path):

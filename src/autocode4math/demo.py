@@ -8,7 +8,8 @@ Four methods under the same rollout budget (the paper's Fig. 4):
   rollouts, so it is a horizontal line in the token plot).
 Each RL run evaluates on the dev split after every iteration; the final models are evaluated on the
 test split in auto, cot and code modes. The run directory gets `metrics.json`, `report.md` and
-`fig4_accuracy_vs_tokens.png`, `fig5_code_rate_distribution.png`, `fig6_modes.png`.
+`fig4_accuracy_vs_tokens.png`, `fig5_code_rate_distribution.png`, `fig6_modes.png` and
+`fig_cost_pareto.png` (accuracy against tokens and code calls per model and mode).
 
 Everything is resumable: each method is an `em.train` run in its own subdirectory and each
 evaluation an `evaluate.run_eval` output, so rerunning the same command only does what is missing.
@@ -23,12 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from autocode4math.analysis import cost_table, eval_cost_points, plot_pareto
 from autocode4math.config import save_config
 from autocode4math.em import DevEval, TrainConfig, flatten_metrics, resolve_model, train
 from autocode4math.estep import EStepConfig
 from autocode4math.io import read_jsonl, write_json
 from autocode4math.mstep import MStepConfig
 from autocode4math.rollout import RolloutConfig
+from autocode4math.sandbox import SandboxConfig
 
 RUNS = {"em": ("em", "toy-base"), "base_rl": ("rl", "toy-base"), "sft_rl": ("rl", "toy-sft")}
 LABELS = {"em": "EM (ours)", "base_rl": "Base+RL", "sft_rl": "SFT+RL", "sft": "SFT"}
@@ -59,6 +62,8 @@ class DemoConfig:
     batch_size: int = 64
     seed: int = 0
     methods: list[str] = field(default_factory=lambda: ["em", "base_rl", "sft_rl", "sft"])
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    """Where and under which limits model code runs (e.g. `--set sandbox.url=http://host:8100`)."""
 
     def __post_init__(self) -> None:
         unknown = set(self.methods) - set(LABELS)
@@ -89,6 +94,7 @@ def train_config(config: DemoConfig, method: str) -> TrainConfig:
         iterations=config.iterations,
         out=str(Path(config.out) / method),
         rl_samples=2 * config.k,
+        sandbox=config.sandbox,
         estep=EStepConfig(
             k=config.k,
             per_query=config.per_query,
@@ -133,6 +139,7 @@ def evaluate(config: DemoConfig, model: str, source: str, out: Path, progress: b
         max_new_tokens=config.max_new_tokens,
         batch_size=config.batch_size,
         max_active=256,
+        sandbox=config.sandbox,
     )
     return flatten_metrics(run_eval(ev, progress=progress))
 
@@ -153,6 +160,8 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict[str, Any]:
         finals[method] = curves[method][-1]["model"]
     finals["base"] = resolve_model("toy-base")
     test = {name: evaluate(config, model, "toy:test", out / "test" / name, progress) for name, model in finals.items()}
+    cost = eval_cost_points({LABELS.get(name, name): out / "test" / name for name in test})
+    plot_pareto(cost, out / "fig_cost_pareto.png", "toy test split: accuracy versus cost")
     sft_dev = None
     if "sft_rl" in curves:  # SFT+RL's iteration 0 is the SFT checkpoint on the same dev questions
         sft_dev = curves["sft_rl"][0]
@@ -167,6 +176,7 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict[str, Any]:
         "test": test,
         "code_rate_phases": phases,
         "targets": targets(test),
+        "cost": cost,
     }
     write_json(out / "metrics.json", metrics)
     plot_all(metrics, out)
@@ -297,6 +307,8 @@ def render_report(metrics: dict[str, Any]) -> str:
     for name, t in metrics["targets"].items():
         figures = ", ".join(f"{k} {_pct(v) if isinstance(v, float) else v}" for k, v in t.items() if k != "met")
         lines.append(f"- {name}: {'met' if t['met'] else 'NOT met'} ({figures})")
+    if metrics.get("cost"):
+        lines += ["", "## Accuracy versus cost (test split)", "", *cost_table(metrics["cost"], "fig_cost_pareto.png")]
     lines += ["", "## Dev accuracy (auto) by iteration", "", "| method | iteration | generated tokens | auto |"]
     lines.append("|---|---|---|---|")
     for method, rows in metrics["curves"].items():

@@ -36,6 +36,7 @@ from autocode4math.io import JsonlAppender, read_done, write_json, write_jsonl
 from autocode4math.prompts import PromptConfig
 from autocode4math.rollout.engine import RolloutConfig, RolloutRequest, RolloutStats, encode
 from autocode4math.rollout.openai import ServerConfig
+from autocode4math.sandbox import SandboxConfig, open_sandbox
 
 MID_OFFSET = 10_000
 """Sample indices of mid-reasoning continuations start here, so their keys never clash with the rest."""
@@ -79,6 +80,8 @@ class EStepConfig:
     """Sampling of the rollouts (the paper: temperature 1.0, top-p 0.9)."""
     prompt: PromptConfig = field(default_factory=PromptConfig)
     """Prompt template and code prefix."""
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    """Where and under which limits model code runs (e.g. `--set sandbox.url=http://host:8100`, `sandbox.timeout_s`)."""
 
     def __post_init__(self) -> None:
         for name in ("k", "per_query", "n_auto", "mid_per_query", "mid_k", "batch_size"):
@@ -284,10 +287,8 @@ def _key_of(record: dict[str, Any]) -> tuple:
     return (str(record["benchmark"]), record["mode"], str(record["id"]), record["sample"])
 
 
-def _run_missing(backend, requests, config, path: Path, partials, run_kwargs) -> list[dict[str, Any]]:
+def _run_missing(rollouts, requests, config, path: Path, partials, progress: bool, stats) -> list[dict[str, Any]]:
     """Run the requests whose records are not yet in `path`; return all records of `requests`."""
-    from autocode4math.rollout.engine import run_rollouts
-
     done = {_key_of(r): r for r in read_done(path)}
     todo = [r for r in requests if r.key() not in done]
     if todo:
@@ -299,8 +300,16 @@ def _run_missing(backend, requests, config, path: Path, partials, run_kwargs) ->
                 out.write(record)
                 done[_key_of(record)] = record
 
-            run_rollouts(backend, todo, config.rollout, on_record=keep, prompt_config=config.prompt, **run_kwargs)
+            rollouts.run(todo, config.rollout, on_record=keep, prompt_config=config.prompt, progress=progress,
+                         stats=stats)  # fmt: skip
     return [done[r.key()] for r in requests if r.key() in done]
+
+
+def backend_options(config: EStepConfig) -> dict[str, Any]:
+    """Keyword arguments of `rollout.make_backend` for the E-step's backend."""
+    from autocode4math.rollout import backend_kwargs
+
+    return backend_kwargs(config.backend, batch_size=config.batch_size, server=config.server)
 
 
 def run_estep(
@@ -315,12 +324,14 @@ def run_estep(
 ) -> dict[str, Any]:
     """Roll out, value and subsample; write rollouts.jsonl, train.jsonl, audit.jsonl, summary.json under out_dir.
 
-    `model` is a checkpoint path (loaded with `config.backend`) or a ready rollout Backend; `queries`
-    a list of Problems or a `benchmarks.load_problems` source. Rollouts are appended as they finish,
+    `model` is a checkpoint path (loaded here with `config.backend`), a ready rollout Backend, or the
+    rollouts of a fleet (`fleet.Rollouts`: anything with `run` and `tokenizer`); `queries` a list of
+    Problems or a `benchmarks.load_problems` source. Rollouts are appended as they finish,
     so running again after an interruption only generates what is missing. Returns the summary.
     """
     from autocode4math.benchmarks import load_problems
     from autocode4math.config import save_config
+    from autocode4math.fleet import as_rollouts
 
     problems = load_problems(queries, split="train") if isinstance(queries, str) else list(queries)
     if not problems:
@@ -328,23 +339,24 @@ def run_estep(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "estep_config.yaml")
-    backend = model
-    if isinstance(model, (str, Path)):
-        from autocode4math.rollout import backend_options, make_backend
-
-        options = backend_options(config.backend, batch_size=config.batch_size, server=config.server)
-        backend = make_backend(config.backend, str(model), **options)
-    stats = RolloutStats()
-    kwargs = {"sandbox": sandbox, "grader": grader, "progress": progress, "stats": stats}
-    records = _run_missing(backend, main_requests(problems, config), config, out / "rollouts.jsonl", {}, kwargs)
-    if config.mid_reasoning:
-        by_id = {str(p.id): p for p in problems}
-        reqs, partials = mid_requests(records, by_id, config)
-        records += _run_missing(backend, reqs, config, out / "rollouts.jsonl", partials, kwargs)
+    own_sandbox = sandbox is None and not (hasattr(model, "run") and hasattr(model, "tokenizer"))
+    sandbox = open_sandbox(config.sandbox) if own_sandbox else sandbox
+    try:
+        rollouts = as_rollouts(model, config.backend, backend_options(config), sandbox, grader)
+        path = out / "rollouts.jsonl"
+        stats = RolloutStats()
+        records = _run_missing(rollouts, main_requests(problems, config), config, path, {}, progress, stats)
+        if config.mid_reasoning:
+            by_id = {str(p.id): p for p in problems}
+            reqs, partials = mid_requests(records, by_id, config)
+            records += _run_missing(rollouts, reqs, config, path, partials, progress, stats)
+    finally:
+        if own_sandbox:
+            sandbox.close()
     train, audit = subsample(records, config)
     code_text = config.prompt.code_prefix + "\n"
     for row in train:
-        add_decision_tokens(row, backend.tokenizer, code_text, config.prompt.code_prefix)
+        add_decision_tokens(row, rollouts.tokenizer, code_text, config.prompt.code_prefix)
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "audit.jsonl", audit)
     summary = {**_summary(records, train), "rollout": stats.to_dict() if stats.trajectories else None}

@@ -8,7 +8,8 @@ Outputs in `out/`:
   whose model or sampling settings differ from the saved config.yaml is refused rather than mixed.
 - `metrics.json`: per benchmark and mode (accuracy with a 95% interval, code use, code calls,
   code error rate, tokens), the union bound and auto's selection accuracy (see analysis.py).
-- `report.md` and `plots/<benchmark>.png` (auto vs cot vs code vs union).
+- `report.md`, `plots/<benchmark>.png` (auto vs cot vs code vs union) and `plots/<benchmark>_cost.png`
+  (accuracy against generated tokens and against code calls, with the Pareto front).
 
 Sampling defaults follow the paper: greedy Pass@1, except AIME24 and AMC23 with 64 samples at
 temperature 0.6; `n` and `temperature` override both when given.
@@ -17,12 +18,23 @@ temperature 0.6; `n` and `temperature` override both when given.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from autocode4math.analysis import CI_METHOD, all_metrics, breakdown, plot_benchmark
+from autocode4math.analysis import (
+    CI_METHOD,
+    all_metrics,
+    breakdown,
+    cost_points,
+    cost_table,
+    plot_benchmark,
+    plot_pareto,
+)
 from autocode4math.config import save_config, to_dict
+from autocode4math.fleet import FleetConfig, as_rollouts, open_engines
 from autocode4math.io import JsonlAppender, read_done, write_json
 from autocode4math.prompts import MODES, PromptConfig
 from autocode4math.rollout import (
@@ -31,11 +43,10 @@ from autocode4math.rollout import (
     RolloutRequest,
     RolloutStats,
     ServerConfig,
-    backend_options,
-    make_backend,
+    backend_kwargs,
     make_requests,
-    run_rollouts,
 )
+from autocode4math.sandbox import SandboxConfig
 
 PAPER_SAMPLING = {"aime24": (64, 0.6), "amc23": (64, 0.6)}
 """(n, temperature) the paper uses per benchmark; every other benchmark is greedy with n=1."""
@@ -83,6 +94,10 @@ class EvalConfig:
     group_by: list[str] = field(default_factory=lambda: ["family", "subject", "level"])
     """Problem meta keys to break the analysis down by, where a benchmark has them (toy family, MATH subject)."""
     prompt: PromptConfig = field(default_factory=PromptConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
+    """Where the rollouts run: this process (workers=1) or a Ray fleet (`--workers N`, fleet.address)."""
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    """Where and under which limits model code runs (e.g. `--set sandbox.url=http://host:8100`, `sandbox.timeout_s`)."""
 
     def __post_init__(self) -> None:
         self.group_by, self.benchmarks, self.modes = map(_comma_list, (self.group_by, self.benchmarks, self.modes))
@@ -119,11 +134,21 @@ def _load(config: EvalConfig) -> dict[str, list[Any]]:
     return groups
 
 
-def _backend(config: EvalConfig) -> Any:
-    if not config.model:
+def backend_options(config: EvalConfig) -> dict[str, Any]:
+    """Keyword arguments of `rollout.make_backend` for the evaluation's backend."""
+    return backend_kwargs(config.backend, batch_size=config.batch_size, server=config.server)
+
+
+@contextmanager
+def _rollouts(config: EvalConfig, backend: Any, sandbox: Any, rollouts: Any) -> Iterator[Any]:
+    """The rollouts given, a given backend (and sandbox) run here, or the engines `config.fleet` describes."""
+    if not config.model and rollouts is None and backend is None:
         raise ValueError("EvalConfig.model is empty: give --model PATH_OR_ID")
-    options = backend_options(config.backend, batch_size=config.batch_size, server=config.server)
-    return make_backend(config.backend, config.model, **options)
+    if rollouts is not None or backend is not None or sandbox is not None:
+        yield rollouts or as_rollouts(backend or config.model, config.backend, backend_options(config), sandbox)
+        return
+    with open_engines(config.fleet, config.backend, backend_options(config), config.sandbox) as engines:
+        yield engines.rollouts(config.model)
 
 
 RESUMABLE_CHANGES = (
@@ -137,6 +162,8 @@ RESUMABLE_CHANGES = (
     "server",
     "backend",
     "group_by",
+    "fleet",
+    "sandbox",
 )
 """Fields that may differ when resuming; any other change would mix samples of two settings."""
 
@@ -160,8 +187,14 @@ def _key(record: dict[str, Any]) -> tuple[str, str, str, int]:
     return (str(record["benchmark"]), record["mode"], str(record["id"]), int(record["sample"]))
 
 
-def run_eval(config: EvalConfig, *, backend: Any = None, sandbox: Any = None, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) the evaluation; write samples, metrics, report and plots; return the metrics."""
+def run_eval(
+    config: EvalConfig, *, backend: Any = None, sandbox: Any = None, rollouts: Any = None, progress: bool = True
+) -> dict[str, Any]:
+    """Run (or resume) the evaluation; write samples, metrics, report and plots; return the metrics.
+
+    Trajectories run on `rollouts` when given (e.g. a training run's fleet), else on `backend` (and
+    `sandbox`) in this process, else on the engines `config.fleet` describes.
+    """
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     _check_resume(config, out)
@@ -186,7 +219,11 @@ def run_eval(config: EvalConfig, *, backend: Any = None, sandbox: Any = None, pr
         plan.append((bench, rollout, [r for r in requests if r.key() not in done]))
     stats = RolloutStats()
     if any(todo for _, _, todo in plan):
-        _generate(plan, config, backend, sandbox, samples, progress, stats)
+        with _rollouts(config, backend, sandbox, rollouts) as runner, JsonlAppender(samples) as appender:
+            for _, rollout, todo in plan:
+                if todo:
+                    runner.run(todo, rollout, on_record=appender.write, prompt_config=config.prompt, progress=progress,
+                               stats=stats)  # fmt: skip
     records = [r for r in read_done(samples) if _key(r) in wanted]
     labels = group_labels(groups, config.group_by)
     sampling = {b: sampling_for(b, config) for b in groups}
@@ -203,34 +240,6 @@ def group_labels(groups: dict[str, list[Any]], keys: list[str]) -> dict[str, dic
     return out
 
 
-def _generate(
-    plan, config: EvalConfig, backend: Any, sandbox: Any, samples: Path, progress: bool, stats: RolloutStats
-) -> None:
-    backend = backend or _backend(config)
-    own_pool = sandbox is None
-    if own_pool:
-        from autocode4math.sandbox import SandboxPool
-
-        sandbox = SandboxPool()
-    try:
-        with JsonlAppender(samples) as appender:
-            for _, rollout, todo in plan:
-                if todo:
-                    run_rollouts(
-                        backend,
-                        todo,
-                        rollout,
-                        on_record=appender.write,
-                        progress=progress,
-                        sandbox=sandbox,
-                        prompt_config=config.prompt,
-                        stats=stats,
-                    )
-    finally:
-        if own_pool:
-            sandbox.close()
-
-
 def write_outputs(
     records: list[dict[str, Any]],
     config: EvalConfig,
@@ -239,11 +248,12 @@ def write_outputs(
     labels: dict[str, dict[str, dict[str, Any]]] | None = None,
     rollout: RolloutStats | None = None,
 ) -> dict[str, Any]:
-    """metrics.json, report.md, one PNG per benchmark, and the table on the terminal.
+    """metrics.json, report.md, two PNGs per benchmark, and the table on the terminal.
 
     `rollout`: what this run's generation measured (schedule, backend occupancy); None when nothing was generated.
     """
     benchmarks = all_metrics(records)
+    cost = {bench: cost_points({config.model: m}) for bench, m in benchmarks.items()}
     metrics = {
         "model": config.model,
         "ci_method": CI_METHOD,
@@ -253,11 +263,13 @@ def write_outputs(
             bench: {key: breakdown([r for r in records if r["benchmark"] == bench], ids) for key, ids in by_key.items()}
             for bench, by_key in (labels or {}).items()
         },
+        "cost": cost,
         "rollout": rollout.to_dict() if rollout is not None else None,
     }
     write_json(out / "metrics.json", metrics)
     for bench, m in benchmarks.items():
         plot_benchmark(bench, m, out / "plots" / f"{bench}.png")
+        plot_pareto(cost[bench], out / "plots" / f"{bench}_cost.png", f"{bench}: accuracy versus cost")
     (out / "report.md").write_text(render_report(metrics), encoding="utf-8")
     print_table(metrics)
     return metrics
@@ -276,6 +288,7 @@ def _rows(m: dict[str, Any]) -> list[list[str]]:
             f"{_pct(v['ci_low'])}-{_pct(v['ci_high'])}",
             _pct(v["code_use_rate"]),
             f"{v['mean_code_calls']:.2f}",
+            "-" if v.get("mean_sandbox_s") is None else f"{v['mean_sandbox_s']:.3f}",
             _pct(v["code_error_rate"]),
             f"{v['mean_tokens']:.0f}",
         ]
@@ -283,7 +296,7 @@ def _rows(m: dict[str, Any]) -> list[list[str]]:
     ]
 
 
-HEADER = ["mode", "n", "acc %", "95% CI", "code %", "calls", "err %", "tokens"]
+HEADER = ["mode", "n", "acc %", "95% CI", "code %", "calls", "sandbox s", "err %", "tokens"]
 
 
 def _summary(m: dict[str, Any]) -> str:
@@ -310,6 +323,9 @@ def render_report(metrics: dict[str, Any]) -> str:
         summary = _summary(m)
         lines += ["", summary, ""] if summary else [""]
         lines += [f"![{bench}](plots/{bench}.png)", ""]
+        if metrics.get("cost", {}).get(bench):
+            lines += [f"### {bench}: accuracy versus cost", ""]
+            lines += [*cost_table(metrics["cost"][bench], f"plots/{bench}_cost.png"), ""]
         for key, table in metrics.get("breakdown", {}).get(bench, {}).items():
             lines += [f"### {bench} by {key}", "", *breakdown_table(table), ""]
     if metrics.get("rollout"):
@@ -319,8 +335,10 @@ def render_report(metrics: dict[str, Any]) -> str:
         "",
         f"- Accuracy: mean correctness over all samples; 95% interval: {metrics['ci_method']}.",
         "- n: samples; code %: share of samples that executed at least one code block; calls: mean executed code"
-        " blocks per sample; err %: share of executed blocks whose status is not ok; tokens: mean model-generated"
-        " tokens.",
+        " blocks per sample; sandbox s: mean seconds the sandbox ran a sample's code; err %: share of executed"
+        " blocks whose status is not ok; tokens: mean model-generated tokens (tool output excluded).",
+        "- Per question (/ q): the mean over samples, i.e. the cost of answering a question once. Pareto front:"
+        " no other mode or model is at least as accurate for at most the same tokens (or code calls).",
         "- Backend occupancy: time-weighted mean of generation requests in flight, over the trajectories allowed in"
         " flight (max_active).",
         "- Union bound: mean over questions of max(cot solve rate, code solve rate).",

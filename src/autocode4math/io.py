@@ -4,6 +4,9 @@ Every long job in this project writes its results one JSON line at a time, flush
 so a killed process loses at most the line it was writing. `read_done` reads such a file back for
 resuming: a torn final line (the mark of a kill mid-write) is cut off, while a malformed line
 anywhere else is an error that names the file and the line, because it means the file is not ours.
+Whole files a resume reads are replaced, never rewritten in place: written to a temporary file,
+fsynced, renamed over the old one, and the directory fsynced (`replace_file`), so a kill or a power
+loss leaves either the old or the new file, never a mix and never nothing.
 """
 
 from __future__ import annotations
@@ -19,8 +22,12 @@ class DataError(ValueError):
     """A data file is malformed; the message names the file and, where known, the line."""
 
 
-def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Yield one dict per non-blank line; raise DataError naming `path:line` on any bad line."""
+def read_jsonl(path: str | Path, torn_tail_ok: bool = False) -> Iterator[dict[str, Any]]:
+    """Yield one dict per non-blank line; raise DataError naming `path:line` on any bad line.
+
+    With `torn_tail_ok`, an unparsable last line without its newline (a writer is still appending, or
+    was killed mid-line) ends the file instead; the file is left as it is.
+    """
     path = Path(path)
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -29,21 +36,40 @@ def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
+                if torn_tail_ok and not line.endswith("\n"):
+                    return
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
             yield row
 
 
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename or a new entry in directory `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_file(tmp: str | Path, path: str | Path) -> None:
+    """Move the finished temporary file `tmp` over `path` durably: fsync it, rename, fsync the directory."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(Path(path).parent)
+
+
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
-    """Write rows atomically: to a temporary file first, then renamed over `path`."""
+    """Write rows atomically: to a temporary file first, then renamed over `path` (`replace_file`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    replace_file(tmp, path)
 
 
 class JsonlAppender:
@@ -89,12 +115,12 @@ def read_done(path: str | Path) -> list[dict[str, Any]]:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    """Write JSON atomically (temporary file, then rename)."""
+    """Write JSON atomically (temporary file, then `replace_file`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    replace_file(tmp, path)
 
 
 def read_json(path: str | Path) -> Any:

@@ -18,7 +18,10 @@ Training runs through HF accelerate, so one code path serves CPU, one GPU, and `
 with DDP/FSDP/DeepSpeed: bf16 autocast on GPU, gradient accumulation, gradient checkpointing, LoRA.
 Batches are length-bucketed (sorted within windows, then shuffled); each process takes every
 world-th micro-batch. A training-state checkpoint (model, optimizer, scheduler, RNG, step) is saved
-every `save_every` steps, and a rerun resumes at the last one.
+every `save_every` steps, each into a new directory that is marked complete only once fully written,
+and a rerun resumes at the newest complete one (a kill at any moment leaves one to resume from).
+A rerun checks the stage's fingerprint first (fingerprint.py): results made with another config,
+another starting model or other data are never continued.
 
 Deliberately simplified: padded (not packed) batches; full-vocabulary log-softmax in float32 (fine
 for small vocabularies, memory-heavy for 150k-token ones); LoRA is merged before the final save and
@@ -31,7 +34,9 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import random
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +44,8 @@ from typing import Any
 
 import torch
 
-from autocode4math.io import DataError, JsonlAppender, read_done, read_jsonl, write_json, write_jsonl
+from autocode4math.fingerprint import Stage, file_digest, guard, model_identity, settings_of
+from autocode4math.io import DataError, JsonlAppender, read_done, read_jsonl, replace_file, write_json, write_jsonl
 
 TRAIN_KEYS = ("prompt_ids", "prefix_ids", "response_ids", "response_mask", "advantage", "c")
 
@@ -389,7 +395,7 @@ def load_or_compute_ref(model, samples, pad_id, config: MStepConfig, accelerator
     if accelerator.is_main_process:
         tmp = path.with_name(path.name + ".tmp")
         torch.save({"fingerprint": fingerprint, "logps": logps}, tmp)
-        tmp.replace(path)
+        replace_file(tmp, path)
     accelerator.wait_for_everyone()
     return logps
 
@@ -471,30 +477,94 @@ def _step_metrics(parts: list[dict], samples: list[Sample], accelerator: Any) ->
     return dict(zip((*keys, "code_rate", "accuracy"), values, strict=True))
 
 
-def _save_state(accelerator: Any, out: Path, step: int) -> None:
-    """Training-state checkpoint in out/state, replaced atomically (written to state.tmp first)."""
-    tmp, final = out / "state.tmp", out / "state"
-    accelerator.save_state(str(tmp))
-    if accelerator.is_main_process:
-        write_json(tmp / "trainer.json", {"step": step})
-        if final.exists():
-            import shutil
+def _checkpoint_files(directory: Path) -> dict[str, int]:
+    """{relative path: size} of every file under a checkpoint directory."""
+    return {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()}
 
-            shutil.rmtree(final)
-        tmp.rename(final)
+
+def _is_complete(checkpoint: Path) -> bool:
+    """A checkpoint is complete once its trainer.json exists and every file it lists has the listed size."""
+    try:
+        files = json.loads((checkpoint / "trainer.json").read_text())["files"]
+        return all((checkpoint / name).stat().st_size == size for name, size in files.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("-", 1)[1])
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The complete training-state checkpoint with the highest step under out/state, or None."""
+    found = [d for d in (out / "state").glob("step-*") if d.is_dir() and _is_complete(d)]
+    return max(found, key=_step_of) if found else None
+
+
+def _drop_other_checkpoints(out: Path, keep: Path | None) -> None:
+    """Delete every checkpoint directory but `keep`: older ones and half-written ones."""
+    for d in (out / "state").glob("step-*"):
+        if d != keep:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _save_state(accelerator: Any, out: Path, step: int) -> None:
+    """Add the checkpoint out/state/step-N, then drop the previous one.
+
+    Never delete first: the new checkpoint is written into its own directory, every file fsynced,
+    and marked complete last by trainer.json (which lists the files and their sizes), so a kill at
+    any moment leaves the previous complete checkpoint in place; resume takes the newest complete one.
+    """
+    target = out / "state" / f"step-{step:08d}"
+    if accelerator.is_main_process and target.exists():  # a half-written attempt at this step
+        shutil.rmtree(target)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(target))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        files = _checkpoint_files(target)
+        for name in files:
+            with (target / name).open("rb+") as f:
+                os.fsync(f.fileno())
+        write_json(target / "trainer.json", {"step": step, "files": files})
+        _drop_other_checkpoints(out, target)
     accelerator.wait_for_everyone()
 
 
 def _resume(accelerator: Any, out: Path, metrics_path: Path) -> int:
-    """Load out/state if present; trim logged metrics past its step; return the step to continue from."""
-    state = out / "state"
-    if not (state / "trainer.json").exists():
-        return 0
-    accelerator.load_state(str(state))
-    step = int(json.loads((state / "trainer.json").read_text())["step"])
-    if accelerator.is_main_process and metrics_path.exists():
-        write_jsonl(metrics_path, [r for r in read_done(metrics_path) if r["step"] <= step])
+    """Load the newest complete checkpoint, if any; cut logged metrics back to its step; return that step.
+
+    Half-written checkpoints are deleted. Metrics rows past the checkpoint (logged by a run killed
+    before it could save again) are dropped, so the rerun logs each step exactly once.
+    """
+    checkpoint = latest_checkpoint(out)
+    step = 0
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        step = _step_of(checkpoint)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _drop_other_checkpoints(out, checkpoint)
+        if metrics_path.exists():
+            write_jsonl(metrics_path, [r for r in read_done(metrics_path) if r["step"] <= step])
     return step
+
+
+NOT_IN_FINGERPRINT = ("save_every", "ref_batch_size", "gradient_checkpointing")
+"""MStepConfig fields that cannot change the trained model (checkpoint frequency, memory savers)."""
+OUTPUTS = ("model", "state", "metrics.jsonl", "tb", "ref_logps.pt*", "done.json", "mstep_config.yaml", "*.tmp")
+"""What the M-step writes in its directory (all discarded by `overwrite`)."""
+
+
+def mstep_stage(out: Path, settings: dict[str, Any]) -> Stage:
+    """The M-step's fingerprinted stage in `out`."""
+    return Stage(out, "M-step", settings, OUTPUTS)
+
+
+def fingerprint_settings(model: str | Path, data: str | Path, config: MStepConfig) -> dict[str, Any]:
+    """What determines a standalone M-step's output: its config, the starting model and the data, by content."""
+    inputs = {"model": model_identity(str(model)), "data": file_digest(data)}
+    return {**settings_of(config, leave_out=NOT_IN_FINGERPRINT), **inputs}
 
 
 def run_mstep(
@@ -505,12 +575,16 @@ def run_mstep(
     *,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     progress: bool = True,
+    overwrite: bool = False,
+    fingerprint: dict[str, Any] | None = None,
 ) -> Path:
     """Train `model` (a checkpoint directory, also pi_ref) on E-step records `data`; return out_dir/model.
 
-    Writes under out_dir: mstep_config.yaml, ref_logps.pt, metrics.jsonl, tb/ (TensorBoard), state/
-    (training-state checkpoint) and model/ (save_pretrained, with tokenizer). Running again after an
-    interruption resumes at the last saved step; after completion it returns at once.
+    Writes under out_dir: fingerprint.json, mstep_config.yaml, ref_logps.pt, metrics.jsonl, tb/
+    (TensorBoard), state/step-N/ (training-state checkpoint) and model/ (save_pretrained, with
+    tokenizer). Running again resumes at the last complete checkpoint; after completion it returns at
+    once. Results made under another fingerprint (`fingerprint_settings`, or `fingerprint` when the
+    caller knows its inputs' identities) raise ResumeError, or are discarded with `overwrite`.
     `on_step(step, metrics)` is called after every optimizer step (on every process).
     """
     from accelerate import Accelerator
@@ -519,14 +593,16 @@ def run_mstep(
     from autocode4math.config import save_config
 
     out = Path(out_dir)
+    accelerator = Accelerator(mixed_precision="bf16" if config.bf16 and torch.cuda.is_available() else "no")
+    if accelerator.is_main_process:
+        guard(mstep_stage(out, fingerprint or fingerprint_settings(model, data, config)), overwrite)
+    accelerator.wait_for_everyone()
     if (out / "model" / "config.json").exists() and (out / "done.json").exists():
         return out / "model"
-    accelerator = Accelerator(mixed_precision="bf16" if config.bf16 and torch.cuda.is_available() else "no")
     if accelerator.distributed_type == DistributedType.DEEPSPEED and config.grad_accum > 1:
         raise ValueError("with DeepSpeed set grad_accum=1 (its engine steps on every backward); raise micro_batch_size")
     set_seed(config.seed)
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "mstep_config.yaml")
     samples = load_samples(data)
     net, tokenizer = _load_model(str(model), config)
@@ -571,20 +647,30 @@ def run_mstep(
 
 
 def _loggers(accelerator: Any, out: Path, metrics_path: Path) -> tuple[Any, Any]:
+    """metrics.jsonl appender and a TensorBoard writer; tb/ is rebuilt from metrics.jsonl at every start,
+    so a resumed run has one event file holding each logged step once."""
     if not accelerator.is_main_process:
         return None, None
     from torch.utils.tensorboard import SummaryWriter
 
-    return JsonlAppender(metrics_path), SummaryWriter(str(out / "tb"))
+    shutil.rmtree(out / "tb", ignore_errors=True)
+    writer = SummaryWriter(str(out / "tb"))
+    for row in read_done(metrics_path):
+        _scalars(writer, row)
+    return JsonlAppender(metrics_path), writer
+
+
+def _scalars(writer: Any, metrics: dict) -> None:
+    for name, value in metrics.items():
+        if name != "step" and value is not None:
+            writer.add_scalar(f"mstep/{name}", value, metrics["step"])
 
 
 def _log(log: Any, writer: Any, metrics: dict, accelerator: Any, progress: bool, total: int) -> None:
     if log is None:
         return
     log.write(metrics)
-    for name, value in metrics.items():
-        if name != "step" and value is not None:
-            writer.add_scalar(f"mstep/{name}", value, metrics["step"])
+    _scalars(writer, metrics)
     if progress:
         accelerator.print(
             f"step {metrics['step']}/{total} loss {metrics['loss']:.4f} rl {metrics['rl_loss']:.4f} "

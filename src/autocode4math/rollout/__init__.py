@@ -41,7 +41,7 @@ __all__ = [
     "RolloutStats",
     "SamplingParams",
     "ServerConfig",
-    "backend_options",
+    "backend_kwargs",
     "make_backend",
     "make_requests",
     "run_rollouts",
@@ -68,7 +68,7 @@ def make_backend(name: str, model: str, **options: Any) -> Backend:
     raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
 
 
-def backend_options(name: str, *, batch_size: int, server: ServerConfig) -> dict[str, Any]:
+def backend_kwargs(name: str, *, batch_size: int, server: ServerConfig) -> dict[str, Any]:
     """The constructor options of backend `name` from the settings eval and train share."""
     if name == "hf":
         return {"batch_size": batch_size}
