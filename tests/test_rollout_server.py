@@ -172,6 +172,13 @@ def test_a_slow_server_is_fine_when_streaming(tiny_tokenizer):
             blocking.generate([req(tiny_tokenizer, "q")], GREEDY)
 
 
+def test_a_server_that_ignores_stream_is_read_as_json(tiny_tokenizer):
+    with LoadServer(tiny_tokenizer, lambda ctx: CODE_TURN, streams=False) as server:
+        (gen,) = backend_for(tiny_tokenizer, server.url).generate([req(tiny_tokenizer, "q", 100)], GREEDY)
+        assert server.seen[-1]["body"]["stream"] is True
+    assert (gen.text, gen.finish, gen.tokens_from) == (CODE_TURN, "stop", "server")
+
+
 def test_requests_go_to_the_least_loaded_server(tiny_tokenizer):
     with (
         LoadServer(tiny_tokenizer, lambda ctx: ANSWER_TURN, load=LoadModel(base_s=0.02)) as fast,
@@ -226,13 +233,15 @@ EXPECTED = ServerConfig("http://a:1/v1,http://b:2/v1", "tok", "MY_KEY", 3, "loca
 
 def test_every_server_option_is_settable_from_eval_and_train_configs():
     from autocode4math.config import load_config
-    from autocode4math.em import TrainConfig, _backend_options
+    from autocode4math.em import TrainConfig
+    from autocode4math.estep import backend_options
     from autocode4math.evaluate import EvalConfig
 
     ev = load_config(EvalConfig, overrides=SERVER_OVERRIDES)
-    train = load_config(TrainConfig, overrides=["estep.backend=openai", *(f"estep.{o}" for o in SERVER_OVERRIDES)])
+    served = ["estep.backend=openai", "fleet.server=vllm serve {model} --port {port}"]
+    train = load_config(TrainConfig, overrides=[*served, *(f"estep.{o}" for o in SERVER_OVERRIDES)])
     assert ev.server == EXPECTED and train.estep.server == EXPECTED
-    assert _backend_options(train) == {"server": EXPECTED}
+    assert backend_options(train.estep) == {"server": EXPECTED}
     assert EXPECTED.urls == ["http://a:1/v1", "http://b:2/v1"]
 
 

@@ -13,7 +13,8 @@ engine with that many concurrent sequences and those per-token costs would give.
 
 Misbehaviour for tests: `refuse(prompt_text) -> (status, message) | None`, `fail_first` requests
 answered 500, `hang` (accept and never answer), `token_ids=False` (a server that takes only text
-prompts and returns no ids, like `transformers serve`).
+prompts and returns no ids, like `transformers serve`), `streams=False` (answers in one JSON body even
+when asked to stream).
 """
 
 from __future__ import annotations
@@ -68,11 +69,12 @@ class LoadServer:
         refuse: Callable[[str], tuple[int, str] | None] | None = None,
         fail_first: int = 0,
         hang: bool = False,
+        streams: bool = True,
     ) -> None:
         self.tokenizer, self.responder = tokenizer, responder
         self.load = load or LoadModel()
         self.token_ids, self.max_model_len = token_ids, max_model_len
-        self.refuse, self.fail_first, self.hang = refuse, fail_first, hang
+        self.refuse, self.fail_first, self.hang, self.streams = refuse, fail_first, hang, streams
         self.requests = 0
         """POSTs received."""
         self.seen: list[dict[str, Any]] = []
@@ -204,7 +206,7 @@ def _handler(server: LoadServer) -> type[BaseHTTPRequestHandler]:
             status, message, job = server.check(body)
             if status != 200:
                 self._send(status, {"error": {"message": message, "code": status}})
-            elif body.get("stream"):
+            elif body.get("stream") and server.streams:
                 self._stream(body, job)
             else:
                 choice = server.answer(body, *job)

@@ -286,7 +286,9 @@ class OpenAIBackend:
             sock.settimeout(self.server.read_timeout_s)
             if resp.status != 200:
                 _raise_for(resp.status, resp.read(2000).decode("utf-8", "replace"), url)
-            return _read_stream(resp) if body.get("stream") else _first_choice(json.loads(resp.read()))
+            if "text/event-stream" in (resp.getheader("Content-Type") or ""):
+                return _read_stream(resp)
+            return _first_choice(json.loads(resp.read()))  # not streamed (asked for, or a server that does not stream)
         except (OSError, http.client.HTTPException, ValueError) as e:
             raise _Retry(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__) from None
         finally:
