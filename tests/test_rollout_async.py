@@ -10,8 +10,8 @@ import pytest
 
 from autocode4math.benchmarks import Problem
 from autocode4math.rollout import RolloutConfig, RolloutRequest, run_rollouts
-from autocode4math.rollout.engine import RolloutStats, _Meter
 from autocode4math.rollout.scripted import AsyncScriptedBackend, ScriptedBackend, by_rounds
+from autocode4math.rollout.stats import Meter, RolloutStats
 from autocode4math.sandbox import ExecResult, SandboxPool
 
 
@@ -179,7 +179,7 @@ def test_schedule_choice(tiny_tokenizer, pool):
 
 def test_occupancy_is_the_time_weighted_share_of_slots():
     now = [0.0]
-    meter = _Meter(clock=lambda: now[0])
+    meter = Meter(clock=lambda: now[0])
     meter.change(2)  # t=0: two requests in flight
     now[0] = 1.0
     meter.change(-1)  # t=1: one

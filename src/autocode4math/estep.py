@@ -34,8 +34,9 @@ from typing import Any
 
 from autocode4math.io import JsonlAppender, read_done, write_json, write_jsonl
 from autocode4math.prompts import PromptConfig
-from autocode4math.rollout.engine import RolloutConfig, RolloutRequest, RolloutStats, encode
+from autocode4math.rollout.engine import RolloutConfig, RolloutRequest, encode
 from autocode4math.rollout.openai import ServerConfig
+from autocode4math.rollout.stats import RolloutStats
 from autocode4math.sandbox import SandboxConfig, open_sandbox
 
 MID_OFFSET = 10_000

@@ -2,7 +2,7 @@
 
 Every stage that generates trajectories (the E-step, the RL baselines' collection, dev and test
 evaluation) hands its requests to a *rollouts* object with two members, `tokenizer` and
-`run(requests, config, *, on_record, prompt_config, progress)`. The stage keeps its own resumable
+`run(requests, config, *, on_record, prompt_config, progress, stats)`. The stage keeps its own resumable
 JSONL (on_record appends each record the moment it arrives) and its own math; this module decides
 where trajectories are generated:
 

@@ -6,6 +6,7 @@
 - vllm.py: in-process vLLM (optional extra).
 - scripted.py: a deterministic stand-in model for tests.
 - loadserver.py: a local completions server with a load model, for benchmarks and tests.
+- stats.py: `RolloutStats` (wall time, requests, code calls, backend occupancy).
 """
 
 from __future__ import annotations
