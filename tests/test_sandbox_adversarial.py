@@ -1,7 +1,7 @@
 """Hostile code: each attack ends with the right status, and leaves no process, file or leak behind.
 
-Process checks scan /proc for processes owned by the session's uid (each session runs as its own uid
-when the tests run as root; otherwise the uid checks are skipped and only the statuses are checked).
+Process checks scan /proc for the session's processes: as root, those owned by the session's own uid;
+otherwise (sessions share our uid) those of our uid that did not exist before the session was opened.
 """
 
 from __future__ import annotations
@@ -38,28 +38,34 @@ def _procs_with_uid(uid: int) -> list[int]:
 
 
 def _run_fresh(pool: SandboxPool, code: str, setup: str = ""):
-    """Run `code` in a new session; return (result, uid, session) after checking the uid is the session's."""
+    """Run `code` in a new session; return (result, who, session), `who` naming the session's processes for _procs."""
+    before = set(_procs_with_uid(os.getuid()))
     s = pool.open_session()
     uid = int(pool.run(s, "import os\nos.getuid()").stdout)
     if setup:
         assert pool.run(s, setup).status == "ok"
-    return pool.run(s, code), uid, s
+    return pool.run(s, code), (uid, before), s
 
 
-def _assert_gone(uid: int) -> None:
-    """No process of the session's uid is left (SIGKILL is asynchronous: allow the kernel a moment)."""
-    if ROOT:
-        assert uid >= UID_BASE
-        deadline = time.monotonic() + 3
-        while _procs_with_uid(uid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert _procs_with_uid(uid) == []
+def _procs(who: tuple[int, set[int]]) -> list[int]:
+    """The session's processes: as root, all of its own uid's; otherwise our uid's that are new since it opened."""
+    uid, before = who
+    return [pid for pid in _procs_with_uid(uid) if ROOT or pid not in before]
+
+
+def _assert_gone(who: tuple[int, set[int]]) -> None:
+    """No process of the session is left (SIGKILL is asynchronous: allow the kernel a moment)."""
+    assert who[0] >= UID_BASE if ROOT else who[0] == os.getuid()
+    deadline = time.monotonic() + 3
+    while _procs(who) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _procs(who) == []
 
 
 def test_infinite_loop_times_out_and_dies(pool):
-    r, uid, s = _run_fresh(pool, "while True:\n    pass")
+    r, who, s = _run_fresh(pool, "while True:\n    pass")
     assert r.status == "timeout" and r.feedback() == "Timeout: execution exceeded 2 s"
-    _assert_gone(uid)
+    _assert_gone(who)
     later = pool.run(s, "1 + 1")
     assert later.status == "dead" and "timeout" in later.error
     pool.close_session(s)
@@ -70,21 +76,20 @@ def test_sigterm_ignoring_loop_and_its_children_die(pool):
         "import os, signal, subprocess\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
         "subprocess.Popen(['sleep', '300'], start_new_session=True)\nwhile True:\n    pass"
     )
-    r, uid, s = _run_fresh(pool, code)
+    r, who, s = _run_fresh(pool, code)
     assert r.status == "timeout"
-    _assert_gone(uid)
+    _assert_gone(who)
     pool.close_session(s)
 
 
 def test_orphaned_child_is_killed_on_close(pool):
     # a double fork with setsid: the grandchild leaves the process group and is orphaned
     code = "import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n        time.sleep(300)\n    os._exit(0)\n'parent done'"  # noqa: E501
-    r, uid, s = _run_fresh(pool, code)
+    r, who, s = _run_fresh(pool, code)
     assert (r.status, r.stdout) == ("ok", "'parent done'\n")
-    if ROOT:
-        assert len(_procs_with_uid(uid)) >= 2  # the session and the sleeping orphan
+    assert len(_procs(who)) >= 2  # the session and the sleeping orphan
     pool.close_session(s)
-    _assert_gone(uid)
+    _assert_gone(who)
 
 
 @pytest.mark.parametrize(
@@ -98,10 +103,10 @@ def test_memory_bomb_is_a_memory_status_and_session_survives(pool, code):
 
 
 def test_fork_bomb_is_contained(pool):
-    r, uid, s = _run_fresh(pool, "import os\nwhile True:\n    os.fork()")
+    r, who, s = _run_fresh(pool, "import os\nwhile True:\n    os.fork()")
     assert r.status in ("error", "timeout")  # fork fails at the process limit (BlockingIOError) or time runs out
     pool.close_session(s)
-    _assert_gone(uid)
+    _assert_gone(who)
     assert pool.run(pool.open_session(), "'machine fine'").stdout == "'machine fine'\n"
 
 
@@ -114,19 +119,19 @@ def test_huge_output_is_truncated_head_and_tail(pool):
 
 
 def test_endless_print_loop_times_out_with_bounded_output(pool):
-    r, uid, s = _run_fresh(pool, "i = 0\nwhile True:\n    print('spam', i)\n    i += 1")
+    r, who, s = _run_fresh(pool, "i = 0\nwhile True:\n    print('spam', i)\n    i += 1")
     assert r.status == "timeout"
     assert r.stdout.startswith("spam 0\nspam 1\n") and "output cut" in r.stdout and len(r.stdout) < 2200
-    _assert_gone(uid)
+    _assert_gone(who)
     pool.close_session(s)
 
 
 def test_segfault_is_a_crash_status(pool):
-    r, uid, s = _run_fresh(pool, "import ctypes\nctypes.string_at(0)")
+    r, who, s = _run_fresh(pool, "import ctypes\nctypes.string_at(0)")
     assert r.status == "crashed" and "SIGSEGV" in r.error
     assert pool.run(s, "1").status == "dead"
     pool.close_session(s)
-    _assert_gone(uid)
+    _assert_gone(who)
 
 
 def test_sys_exit_is_reported_and_session_survives(pool):
@@ -195,8 +200,9 @@ def test_environment_secret_does_not_leak(monkeypatch):
 def test_fallback_layers_still_block_writes_network_and_orphans(tmp_path):
     """With namespaces and Landlock switched off, the audit hook and uid sweep take over."""
     with SandboxPool(SandboxConfig(timeout_s=3, namespaces=False, landlock=False), workers=1) as p:
+        before = set(_procs_with_uid(os.getuid()))
         s = p.open_session()
-        uid = int(p.run(s, "import os\nos.getuid()").stdout)
+        who = (int(p.run(s, "import os\nos.getuid()").stdout), before)
         assert "audit-hook" in p.layers and "landlock-fs" not in p.layers
         write = p.run(s, f"open({str(tmp_path / 'x')!r}, 'w')")
         assert write.status == "error" and "PermissionError" in write.feedback()
@@ -205,7 +211,7 @@ def test_fallback_layers_still_block_writes_network_and_orphans(tmp_path):
         orphan = "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(300)\n'spawned'"
         assert p.run(s, orphan).status == "ok"
         p.close_session(s)
-        _assert_gone(uid)
+        _assert_gone(who)
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ Each command's options are its function's signature and its help is the docstrin
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -25,6 +26,22 @@ bench_app = typer.Typer(help="Benchmarks that print figures (throughput, latency
 toy_app = typer.Typer(help="The embedded synthetic math world and its tiny models.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 app.add_typer(toy_app, name="toy")
+
+QUESTION_FIELD = typer.Option(None, "--question-field", help="Question field of a benchmark file (default: detected).")
+ANSWER_FIELD = typer.Option(None, "--answer-field", help="Gold answer field of a benchmark file (default: detected).")
+ID_FIELD = typer.Option(None, "--id-field", help="Id field of a benchmark file (default: detected, else row number).")
+FIELD_OPTIONS = {"fields.question": "--question-field", "fields.answer": "--answer-field", "fields.id": "--id-field"}
+"""How errors name the config fields the three options above set."""
+
+
+@app.callback()
+def _main() -> None:
+    warnings.formatwarning = _one_line_warning
+
+
+def _one_line_warning(message: Warning | str, *args: Any, **kwargs: Any) -> str:
+    """Warnings as users read them: `Warning: <message>`, without the source line that issued them."""
+    return f"Warning: {message}\n"
 
 
 def _fail(message: str) -> NoReturn:
@@ -56,7 +73,11 @@ def _config(cls: type, path: str, overrides: list[str], values: dict[str, Any] |
     from autocode4math.config import load_config
 
     given = {k: v for k, v in (values or {}).items() if v is not None and v != ""}
-    return load_config(cls, path or None, overrides, given, **kw)
+    return load_config(cls, path or None, overrides, given, labels=FIELD_OPTIONS, **kw)
+
+
+def _fields(question: str | None, answer: str | None, id_: str | None) -> dict[str, str | None]:
+    return {"fields.question": question, "fields.answer": answer, "fields.id": id_}
 
 
 @app.command()
@@ -162,6 +183,9 @@ def eval_(
     benchmark_file: list[str] = typer.Option([], help="Extra benchmark file (.jsonl/.json/.parquet); repeatable."),
     limit: int | None = typer.Option(None, help="Only the first N questions of each benchmark."),
     backend: str = typer.Option("", help="hf (default), openai or vllm."),
+    question_field: str | None = QUESTION_FIELD,
+    answer_field: str | None = ANSWER_FIELD,
+    id_field: str | None = ID_FIELD,
     config: str = typer.Option("", help="YAML file with EvalConfig fields."),
     overrides: list[str] = typer.Option([], "--set", help="Dotted overrides, e.g. --set max_new_tokens=1024."),
 ) -> None:
@@ -170,6 +194,7 @@ def eval_(
 
     given = {"model": model, "benchmarks": benchmarks, "modes": modes, "out": out, "backend": backend, "n": n}
     given |= {"temperature": temperature, "limit": limit, "benchmark_files": benchmark_file or None}
+    given |= _fields(question_field, answer_field, id_field)
     if benchmark_file and not benchmarks:
         given["benchmarks"] = []  # only the given files, not the default benchmarks
     run_eval(_config(EvalConfig, config, overrides, given))
@@ -215,7 +240,10 @@ def toy_pretrain(
         "base", help="base (from scratch, CoT-heavy) or sft (tool-integrated, code choice not tied to the family)."
     ),
     seed: int = typer.Option(0, help="Seeds corpus, initialisation and batch order."),
-    out_dir: str = typer.Option("", help="Output directory; default: the package's checkpoints/toy-<stage>."),
+    out_dir: str = typer.Option("", help="Output directory; default: runs/toy-<stage>."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace a checkpoint already in the output directory (a shipped one included)."
+    ),
     config: str = typer.Option("", help="YAML file with PretrainConfig fields (steps, lr, sft_code_digits, ...)."),
     overrides: list[str] = typer.Option(
         [], "--set", help="Dotted overrides, e.g. --set steps=500 --set model.num_layers=2."
@@ -225,7 +253,7 @@ def toy_pretrain(
     from autocode4math.toymodel import PretrainConfig, pretrain
 
     cfg = _config(PretrainConfig, config, overrides, {"stage": stage, "seed": seed, "out_dir": out_dir})
-    pretrain(cfg, log=lambda line: typer.echo(line))
+    pretrain(cfg, log=lambda line: typer.echo(line), overwrite=overwrite)
 
 
 # --- training (estep, mstep, train, demo) ---
@@ -239,19 +267,25 @@ def estep(
     out: str = typer.Option(..., help="Output directory: rollouts.jsonl, train.jsonl, audit.jsonl, summary.json."),
     split: str = typer.Option("train", help="Split of a named source (toy: train/dev/test)."),
     limit: int = typer.Option(0, help="Use only the first N queries (0: all)."),
+    question_field: str | None = QUESTION_FIELD,
+    answer_field: str | None = ANSWER_FIELD,
+    id_field: str | None = ID_FIELD,
     config: str = typer.Option("", help="YAML preset with EStepConfig fields."),
     overrides: list[str] = typer.Option([], "--set", help="Dotted overrides, e.g. --set k=8 --set alpha=2."),
 ) -> None:
     """E-step: K rollouts per code decision, Q, pi, s*, and the subsampled training set (resumable)."""
     import json
 
-    from autocode4math.benchmarks import load_problems
+    from autocode4math.benchmarks import FieldNames, load_problems
     from autocode4math.estep import EStepConfig, run_estep
+    from autocode4math.rollout import resolve_model
 
     if limit < 0:
         _fail(f"--limit must be >= 0 (0: all queries), got {limit}")
     cfg = _config(EStepConfig, config, overrides)
-    problems = load_problems(queries, split=split, limit=limit or None)
+    model = resolve_model(model, cfg.backend)
+    fields = FieldNames(question_field, answer_field, id_field)
+    problems = load_problems(queries, split=split, limit=limit or None, **fields.as_kwargs())
     summary = run_estep(model, problems, cfg, out)
     typer.echo(json.dumps(summary, indent=2))
 
@@ -267,9 +301,10 @@ def mstep(
 ) -> None:
     """M-step: clipped off-policy RL + decision cross-entropy; `accelerate launch -m autocode4math.cli mstep ...`."""
     from autocode4math.mstep import MStepConfig, run_mstep
+    from autocode4math.rollout import resolve_model
 
     cfg = _config(MStepConfig, config, overrides)
-    typer.echo(str(run_mstep(model, data, cfg, out)))
+    typer.echo(str(run_mstep(resolve_model(model), data, cfg, out)))
 
 
 @app.command("train")
@@ -281,6 +316,9 @@ def train_cmd(
     queries: str = typer.Option("", help="Training queries (train split): toy, a file, or a HF dataset id."),
     out: str = typer.Option("", help="Run directory; running the same command again resumes it."),
     iterations: int | None = typer.Option(None, help="EM iterations (E-step, M-step, dev evaluation each)."),
+    question_field: str | None = QUESTION_FIELD,
+    answer_field: str | None = ANSWER_FIELD,
+    id_field: str | None = ID_FIELD,
     overrides: list[str] = typer.Option(
         [], "--set", help="Dotted overrides, e.g. --set estep.k=8 --set mstep.lr=1e-5."
     ),
@@ -289,7 +327,7 @@ def train_cmd(
     from autocode4math.em import TrainConfig, train
 
     given = {"method": method, "model": model, "queries": queries, "out": out, "iterations": iterations}
-    cfg = _config(TrainConfig, config, overrides, given)
+    cfg = _config(TrainConfig, config, overrides, given | _fields(question_field, answer_field, id_field))
     rows = train(cfg)
     last = rows[-1] if rows else {}
     typer.echo(f"done: {cfg.out} (final dev auto accuracy {last.get('auto_accuracy')})")

@@ -22,10 +22,19 @@ from pathlib import Path
 from typing import Any
 
 from autocode4math.analysis import CI_METHOD, all_metrics, breakdown, plot_benchmark
+from autocode4math.benchmarks import FieldNames
 from autocode4math.config import save_config, to_dict
-from autocode4math.io import JsonlAppender, read_done, write_json
+from autocode4math.io import DataError, JsonlAppender, read_done, write_json
 from autocode4math.prompts import MODES, PromptConfig
-from autocode4math.rollout import BACKENDS, RolloutConfig, RolloutRequest, make_backend, make_requests, run_rollouts
+from autocode4math.rollout import (
+    BACKENDS,
+    RolloutConfig,
+    RolloutRequest,
+    make_backend,
+    make_requests,
+    resolve_model,
+    run_rollouts,
+)
 
 PAPER_SAMPLING = {"aime24": (64, 0.6), "amc23": (64, 0.6)}
 """(n, temperature) the paper uses per benchmark; every other benchmark is greedy with n=1."""
@@ -46,6 +55,8 @@ class EvalConfig:
     """Shipped benchmark names or anything `load_problems` reads (toy, a file, a HF dataset id)."""
     benchmark_files: list[str] = field(default_factory=list)
     """Extra benchmark files (.jsonl/.json/.parquet); the loader names the benchmark."""
+    fields: FieldNames = field(default_factory=FieldNames)
+    """Names of the question/answer/id fields in benchmark files and Hub datasets (default: detected)."""
     modes: list[str] = field(default_factory=lambda: list(MODES))
     """Modes to run: auto, cot, code. Union and selection accuracy need all three."""
     n: int | None = None
@@ -104,16 +115,14 @@ def _load(config: EvalConfig) -> dict[str, list[Any]]:
 
     groups: dict[str, list[Any]] = {}
     for source in [*config.benchmarks, *config.benchmark_files]:
-        problems = load_problems(source, limit=config.limit)
+        problems = load_problems(source, limit=config.limit, **config.fields.as_kwargs())
         if not problems:
-            raise ValueError(f"benchmark {source!r} has no problems")
+            raise DataError(f"benchmark {source!r} has no problems")
         groups.setdefault(problems[0].benchmark, []).extend(problems)
     return groups
 
 
 def _backend(config: EvalConfig) -> Any:
-    if not config.model:
-        raise ValueError("EvalConfig.model is empty: give --model PATH_OR_ID")
     if config.backend == "hf":
         return make_backend("hf", config.model, batch_size=config.batch_size)
     if config.backend == "openai":
@@ -157,12 +166,17 @@ def _key(record: dict[str, Any]) -> tuple[str, str, str, int]:
 
 
 def run_eval(config: EvalConfig, *, backend: Any = None, sandbox: Any = None, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) the evaluation; write samples, metrics, report and plots; return the metrics."""
+    """Run (or resume) the evaluation; write samples, metrics, report and plots; return the metrics.
+
+    The model (unless a backend is given) and the benchmarks are checked before anything is written.
+    """
+    if backend is None:
+        config = dataclasses.replace(config, model=resolve_model(config.model, config.backend))
+    groups = _load(config)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     _check_resume(config, out)
     save_config(config, out / "config.yaml")
-    groups = _load(config)
     samples = out / "samples.jsonl"
     done = {_key(r) for r in read_done(samples)}
     plan: list[tuple[str, RolloutConfig, list[RolloutRequest]]] = []
@@ -230,14 +244,17 @@ def write_outputs(
     labels: dict[str, dict[str, dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """metrics.json, report.md, one PNG per benchmark, and the table on the terminal."""
-    benchmarks = all_metrics(records)
+    benchmarks = all_metrics(records, config.prompt.code_prefix)
     metrics = {
         "model": config.model,
         "ci_method": CI_METHOD,
         "sampling": {b: {"n": n, "temperature": t} for b, (n, t) in sampling.items()},
         "benchmarks": benchmarks,
         "breakdown": {
-            bench: {key: breakdown([r for r in records if r["benchmark"] == bench], ids) for key, ids in by_key.items()}
+            bench: {
+                key: breakdown([r for r in records if r["benchmark"] == bench], ids, config.prompt.code_prefix)
+                for key, ids in by_key.items()
+            }
             for bench, by_key in (labels or {}).items()
         },
     }
