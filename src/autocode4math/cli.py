@@ -6,9 +6,10 @@ Each command's options are its function's signature and its help is the docstrin
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 import typer
@@ -30,8 +31,9 @@ app.add_typer(toy_app, name="toy")
 QUESTION_FIELD = typer.Option(None, "--question-field", help="Question field of a benchmark file (default: detected).")
 ANSWER_FIELD = typer.Option(None, "--answer-field", help="Gold answer field of a benchmark file (default: detected).")
 ID_FIELD = typer.Option(None, "--id-field", help="Id field of a benchmark file (default: detected, else row number).")
-FIELD_OPTIONS = {"fields.question": "--question-field", "fields.answer": "--answer-field", "fields.id": "--id-field"}
-"""How errors name the config fields the three options above set."""
+OPTION_LABELS = {"fields.question": "--question-field", "fields.answer": "--answer-field", "fields.id": "--id-field",
+                 "launch.preset": "--launch"}  # fmt: skip
+"""How errors name config fields set by an option whose name is not the field's own."""
 
 
 @app.callback()
@@ -73,11 +75,25 @@ def _config(cls: type, path: str, overrides: list[str], values: dict[str, Any] |
     from autocode4math.config import load_config
 
     given = {k: v for k, v in (values or {}).items() if v is not None and v != ""}
-    return load_config(cls, path or None, overrides, given, labels=FIELD_OPTIONS, **kw)
+    return load_config(cls, path or None, overrides, given, labels=OPTION_LABELS, **kw)
 
 
 def _fields(question: str | None, answer: str | None, id_: str | None) -> dict[str, str | None]:
     return {"fields.question": question, "fields.answer": answer, "fields.id": id_}
+
+
+@contextlib.contextmanager
+def _run_errors() -> Iterator[None]:
+    """Failures of a run's machinery (fleet, server, launched M-step) as one message and exit code 1."""
+    from autocode4math.fleet import FleetError
+    from autocode4math.launch import LaunchError
+    from autocode4math.rollout.server import ServerError
+
+    try:
+        yield
+    except (FleetError, LaunchError, ServerError) as e:
+        typer.echo(f"Error: {e}", err=True)
+        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -186,6 +202,7 @@ def eval_(
     question_field: str | None = QUESTION_FIELD,
     answer_field: str | None = ANSWER_FIELD,
     id_field: str | None = ID_FIELD,
+    workers: int | None = typer.Option(None, help="Rollout engines; more than 1 runs them as Ray actors (fleet.*)."),
     config: str = typer.Option("", help="YAML file with EvalConfig fields."),
     overrides: list[str] = typer.Option([], "--set", help="Dotted overrides, e.g. --set max_new_tokens=1024."),
 ) -> None:
@@ -194,10 +211,12 @@ def eval_(
 
     given = {"model": model, "benchmarks": benchmarks, "modes": modes, "out": out, "backend": backend, "n": n}
     given |= {"temperature": temperature, "limit": limit, "benchmark_files": benchmark_file or None}
-    given |= _fields(question_field, answer_field, id_field)
+    given |= _fields(question_field, answer_field, id_field) | {"fleet.workers": workers}
     if benchmark_file and not benchmarks:
         given["benchmarks"] = []  # only the given files, not the default benchmarks
-    run_eval(_config(EvalConfig, config, overrides, given))
+    cfg = _config(EvalConfig, config, overrides, given)
+    with _run_errors():
+        run_eval(cfg)
 
 
 # --- toy world (toy ...) ---
@@ -319,16 +338,26 @@ def train_cmd(
     question_field: str | None = QUESTION_FIELD,
     answer_field: str | None = ANSWER_FIELD,
     id_field: str | None = ID_FIELD,
+    workers: int | None = typer.Option(
+        None, help="Rollout engines (E-step, RL collection, dev evaluation); more than 1 runs them as Ray actors."
+    ),
+    launch: str = typer.Option(
+        "",
+        help="Run each M-step under accelerate launch with this preset: single_gpu, ddp, fsdp, deepspeed_zero2, "
+        "cpu_ddp, or a YAML file (default: in this process).",
+    ),
     overrides: list[str] = typer.Option(
-        [], "--set", help="Dotted overrides, e.g. --set estep.k=8 --set mstep.lr=1e-5."
+        [], "--set", help="Dotted overrides, e.g. --set estep.k=8 --set mstep.lr=1e-5 --set fleet.address=auto."
     ),
 ) -> None:
     """The EM loop (or a baseline): collect data, update the policy, evaluate on dev; resumable by stage."""
     from autocode4math.em import TrainConfig, train
 
     given = {"method": method, "model": model, "queries": queries, "out": out, "iterations": iterations}
-    cfg = _config(TrainConfig, config, overrides, given | _fields(question_field, answer_field, id_field))
-    rows = train(cfg)
+    given |= _fields(question_field, answer_field, id_field) | {"fleet.workers": workers, "launch.preset": launch}
+    cfg = _config(TrainConfig, config, overrides, given)
+    with _run_errors():
+        rows = train(cfg)
     last = rows[-1] if rows else {}
     typer.echo(f"done: {cfg.out} (final dev auto accuracy {last.get('auto_accuracy')})")
 
@@ -408,6 +437,34 @@ def bench_train_cmd(
     print_train_table(result)
     if as_json:
         typer.echo(json.dumps(result))
+
+
+@bench_app.command("fleet")
+def bench_fleet_cmd(
+    workers: str = typer.Option("1,2", help="Comma-separated worker counts, measured in order in one run."),
+    queries: int = typer.Option(32, help="Toy train questions (each: K rollouts per code decision)."),
+    k: int = typer.Option(4, help="Rollouts per question and decision."),
+    max_new_tokens: int = typer.Option(256, help="Token budget per trajectory."),
+    shard_size: int = typer.Option(32, help="Requests per shard (one engine run each)."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature (the E-step's 1.0; 0 for greedy)."),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable JSON object as the last line."),
+) -> None:
+    """E-step throughput (trajectories/s, tokens/s) on the toy world with 1..N CPU workers, and the speedup."""
+    import json
+
+    from autocode4math.scaling import FleetBenchConfig, bench_fleet, print_fleet_table
+
+    try:
+        counts = [int(w) for w in workers.split(",") if w.strip()]
+        cfg = FleetBenchConfig(counts, queries, k, max_new_tokens, shard_size, temperature=temperature)
+    except ValueError as e:
+        _fail(f"--workers {workers!r}: {e}")
+    with _run_errors():
+        result = bench_fleet(cfg, progress=not as_json)
+    print_fleet_table(result)
+    if as_json:
+        keys = ("workers", "tokens_per_s", "trajectories_per_s", "speedup", "same_records")
+        typer.echo(json.dumps({**{key: result[key] for key in keys}, "runs": result["runs"]}))
 
 
 if __name__ == "__main__":  # `accelerate launch -m autocode4math.cli mstep ...`

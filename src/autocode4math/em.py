@@ -31,8 +31,18 @@ from typing import Any
 
 from autocode4math.benchmarks import FieldNames
 from autocode4math.config import save_config
-from autocode4math.estep import EStepConfig, add_decision_tokens, advantages, decision_of, record_key, run_estep
+from autocode4math.estep import (
+    EStepConfig,
+    add_decision_tokens,
+    advantages,
+    backend_options,
+    decision_of,
+    record_key,
+    run_estep,
+)
+from autocode4math.fleet import FleetConfig, Rollouts, open_engines
 from autocode4math.io import JsonlAppender, read_done, read_json, read_jsonl, write_json, write_jsonl
+from autocode4math.launch import LaunchConfig, launch_mstep
 from autocode4math.mstep import MStepConfig, run_mstep
 from autocode4math.prompts import CODE_PREFIX, MODES
 from autocode4math.rollout import resolve_model
@@ -89,6 +99,10 @@ class TrainConfig:
     estep: EStepConfig = field(default_factory=EStepConfig)
     mstep: MStepConfig = field(default_factory=MStepConfig)
     eval: DevEval = field(default_factory=DevEval)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
+    """Where rollouts run (E-step, RL collection, dev evaluation): this process, or `--workers N` Ray actors."""
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    """How the M-step runs: in this process, or `--launch PRESET` under accelerate launch."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -101,6 +115,13 @@ class TrainConfig:
             raise ValueError("rl_samples must be >= 2 (the advantage is normalised within a query's group)")
         if self.sft_per_iteration < 1:
             raise ValueError(f"sft_per_iteration must be >= 1, got {self.sft_per_iteration}")
+        if self.estep.backend == "openai" and not self.fleet.server:
+            raise ValueError(
+                "training with backend openai needs fleet.server, a command that serves each iteration's policy "
+                "(e.g. 'vllm serve {model} --port {port}'): a server started by hand keeps the model it loaded"
+            )
+        if self.fleet.server and self.estep.backend != "openai":
+            raise ValueError("fleet.server starts an OpenAI-compatible server: set estep.backend=openai")
 
 
 class RunState:
@@ -122,33 +143,42 @@ def train(config: TrainConfig, progress: bool = True) -> list[dict[str, Any]]:
     """Run (or resume) the loop; return the per-iteration metrics rows (also in metrics.jsonl)."""
     from autocode4math.benchmarks import load_problems
 
-    policy = resolve_model(config.model, config.estep.backend)
+    policy = resolve_model(config.model)  # a checkpoint the M-step trains, whatever serves its rollouts
     problems = load_problems(config.queries, split="train", limit=config.queries_limit, **config.fields.as_kwargs())
     run = Path(config.out)
     run.mkdir(parents=True, exist_ok=True)
     save_config(config, run / "config.yaml")
     state = RunState(run)
-    rows = [_evaluate_stage(state, run / "iter-00" / "eval", policy, config, 0, {"tokens": 0}, progress)]
     spent = {"tokens": 0, "train_tokens": 0}
-    for it in range(1, config.iterations + 1):
-        d = run / f"iter-{it:02d}"
-        collected = state.get(f"{it}/collect")
-        if collected is None:
-            collected = collect(config, policy, problems, d / "collect", it, progress)
-            state.finish(f"{it}/collect", collected)
-        spent = {k: spent[k] + collected[k] for k in spent}
-        mstep_config = _mstep_config(config, it)
-        model = state.get(f"{it}/mstep")
-        if model is None:
-            model = str(run_mstep(policy, collected["data"], mstep_config, d / "mstep", progress=progress))
-            state.finish(f"{it}/mstep", model)
-        policy = model
-        last = it == config.iterations
-        if config.eval.every and (it % config.eval.every == 0 or last):
-            rows.append(_evaluate_stage(state, d / "eval", policy, config, it, spent, progress))
+    with open_engines(config.fleet, config.estep.backend, backend_options(config.estep)) as engines:
+        rows = [_evaluate_stage(state, run / "iter-00" / "eval", engines.rollouts(policy), config, 0, spent, progress)]
+        for it in range(1, config.iterations + 1):
+            d = run / f"iter-{it:02d}"
+            collected = state.get(f"{it}/collect")
+            if collected is None:
+                collected = collect(config, engines.rollouts(policy), problems, d / "collect", it, progress)
+                state.finish(f"{it}/collect", collected)
+            spent = {k: spent[k] + collected[k] for k in spent}
+            model = state.get(f"{it}/mstep")
+            if model is None:
+                engines.release()  # the M-step may need the accelerators the engines hold
+                model = _update(config, policy, collected["data"], it, d / "mstep", progress)
+                state.finish(f"{it}/mstep", model)
+            policy = model
+            last = it == config.iterations
+            if config.eval.every and (it % config.eval.every == 0 or last):
+                rows.append(_evaluate_stage(state, d / "eval", engines.rollouts(policy), config, it, spent, progress))
     write_jsonl(run / "metrics.jsonl", [r for r in rows if r is not None])
     write_json(run / "final.json", {"model": policy, "iterations": config.iterations, **spent})
     return [r for r in rows if r is not None]
+
+
+def _update(config: TrainConfig, policy: str, data: str, it: int, out: Path, progress: bool) -> str:
+    """The M-step of iteration `it`: in this process, or under accelerate launch with the configured preset."""
+    mstep_config = _mstep_config(config, it)
+    if config.launch.preset:
+        return str(launch_mstep(policy, data, mstep_config, out, config.launch, progress=progress))
+    return str(run_mstep(policy, data, mstep_config, out, progress=progress))
 
 
 def _mstep_config(config: TrainConfig, iteration: int) -> MStepConfig:
@@ -161,30 +191,32 @@ def _mstep_config(config: TrainConfig, iteration: int) -> MStepConfig:
     return dataclasses.replace(config.mstep, **changes)
 
 
-def collect(config: TrainConfig, policy: str, problems: list[Any], out: Path, it: int, progress: bool) -> dict:
-    """Build one iteration's training data; return {data: path, tokens: generated, train_tokens: trained}."""
+def collect(config: TrainConfig, rollouts: Rollouts, problems: list[Any], out: Path, it: int, progress: bool) -> dict:
+    """Build one iteration's training data with the current policy's `rollouts`.
+
+    Returns {data: path, tokens: generated, train_tokens: trained}.
+    """
     out.mkdir(parents=True, exist_ok=True)
     if config.method == "em":
         estep = dataclasses.replace(config.estep, seed=config.estep.seed + it)
-        summary = run_estep(policy, problems, estep, out, progress=progress)
+        summary = run_estep(rollouts, problems, estep, out, progress=progress)
         data = out / "train.jsonl"
         return {"data": str(data), "tokens": summary["generated_tokens"], "train_tokens": _train_tokens(data)}
     if config.method == "rl":
-        return collect_on_policy(config, policy, problems, out, it, progress)
-    return collect_sft(config, policy, out, it)
+        return collect_on_policy(config, rollouts, problems, out, it, progress)
+    return collect_sft(config, rollouts.policy, out, it)
 
 
 def collect_on_policy(
-    config: TrainConfig, policy: str, problems: list[Any], out: Path, it: int, progress: bool
+    config: TrainConfig, rollouts: Rollouts, problems: list[Any], out: Path, it: int, progress: bool
 ) -> dict:
     """On-policy rollouts of the current policy in auto mode; every rollout is a training record."""
-    from autocode4math.rollout import make_backend, make_requests, run_rollouts
+    from autocode4math.rollout import make_requests
 
     path = out / "rollouts.jsonl"
     done = {record_key(r): r for r in read_done(path)}
     requests = make_requests(problems, ["auto"], config.rl_samples, config.estep.prompt)
     todo = [r for r in requests if _request_key(r) not in done]
-    backend = make_backend(config.estep.backend, policy, **_backend_options(config))
     if todo:
         rollout = dataclasses.replace(config.estep.rollout, seed=config.estep.rollout.seed + it)
         with JsonlAppender(path) as sink:
@@ -193,14 +225,14 @@ def collect_on_policy(
                 sink.write(record)
                 done[record_key(record)] = record
 
-            run_rollouts(backend, todo, rollout, on_record=keep, progress=progress, prompt_config=config.estep.prompt)
+            rollouts.run(todo, rollout, on_record=keep, prompt_config=config.estep.prompt, progress=progress)
     records = [done[_request_key(r)] for r in requests]
     code_prefix = config.estep.prompt.code_prefix
     adv = advantages(records, config.estep.adv_eps)
     train = []
     for record, a in zip(records, adv, strict=True):
         row = {**record, "c": decision_of(record, code_prefix), "advantage": a, "key": record_key(record)}
-        add_decision_tokens(row, backend.tokenizer, code_prefix + "\n", code_prefix)
+        add_decision_tokens(row, rollouts.tokenizer, code_prefix + "\n", code_prefix)
         train.append(row)
     data = out / "train.jsonl"
     write_jsonl(data, train)
@@ -258,20 +290,17 @@ def _request_key(request: Any) -> str:
     return f"{bench}/{mode}/{qid}/{sample}"
 
 
-def _backend_options(config: TrainConfig) -> dict[str, Any]:
-    return {"batch_size": config.estep.batch_size} if config.estep.backend == "hf" else {}
-
-
 def _evaluate_stage(
-    state: RunState, out: Path, policy: str, config: TrainConfig, it: int, spent: dict, progress: bool
+    state: RunState, out: Path, rollouts: Rollouts, config: TrainConfig, it: int, spent: dict, progress: bool
 ) -> dict[str, Any] | None:
-    """Evaluate `policy` on the dev set (resumable) and return this iteration's metrics row."""
+    """Evaluate the policy of `rollouts` on the dev set (resumable) and return this iteration's metrics row."""
     from autocode4math.evaluate import EvalConfig, run_eval
 
     if not config.eval.every:
         return None
     row = state.get(f"{it}/eval")
     if row is None:
+        policy = rollouts.policy
         ev = EvalConfig(
             model=policy,
             benchmarks=[config.eval.source],
@@ -285,7 +314,7 @@ def _evaluate_stage(
             backend=config.estep.backend,
             prompt=config.estep.prompt,
         )
-        metrics = run_eval(ev, progress=progress)
+        metrics = run_eval(ev, rollouts=rollouts, progress=progress)
         row = {"iteration": it, "method": config.method, "model": policy, **spent, **flatten_metrics(metrics)}
         state.finish(f"{it}/eval", row)
     return row

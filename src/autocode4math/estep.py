@@ -294,10 +294,8 @@ def _key_of(record: dict[str, Any]) -> tuple:
     return (str(record["benchmark"]), record["mode"], str(record["id"]), record["sample"])
 
 
-def _run_missing(backend, requests, config, path: Path, partials, run_kwargs) -> list[dict[str, Any]]:
+def _run_missing(rollouts, requests, config, path: Path, partials, progress: bool) -> list[dict[str, Any]]:
     """Run the requests whose records are not yet in `path`; return all records of `requests`."""
-    from autocode4math.rollout.engine import run_rollouts
-
     done = {_key_of(r): r for r in read_done(path)}
     todo = [r for r in requests if r.key() not in done]
     if todo:
@@ -309,8 +307,13 @@ def _run_missing(backend, requests, config, path: Path, partials, run_kwargs) ->
                 out.write(record)
                 done[_key_of(record)] = record
 
-            run_rollouts(backend, todo, config.rollout, on_record=keep, prompt_config=config.prompt, **run_kwargs)
+            rollouts.run(todo, config.rollout, on_record=keep, prompt_config=config.prompt, progress=progress)
     return [done[r.key()] for r in requests if r.key() in done]
+
+
+def backend_options(config: EStepConfig) -> dict[str, Any]:
+    """Keyword arguments of `rollout.make_backend` for the E-step's backend."""
+    return {"batch_size": config.batch_size} if config.backend == "hf" else {}
 
 
 def run_estep(
@@ -325,12 +328,14 @@ def run_estep(
 ) -> dict[str, Any]:
     """Roll out, value and subsample; write rollouts.jsonl, train.jsonl, audit.jsonl, summary.json under out_dir.
 
-    `model` is a checkpoint path (loaded with `config.backend`) or a ready rollout Backend; `queries`
-    a list of Problems or a `benchmarks.load_problems` source. Rollouts are appended as they finish,
+    `model` is a checkpoint path (loaded here with `config.backend`), a ready rollout Backend, or the
+    rollouts of a fleet (`fleet.Rollouts`: anything with `run` and `tokenizer`); `queries` a list of
+    Problems or a `benchmarks.load_problems` source. Rollouts are appended as they finish,
     so running again after an interruption only generates what is missing. Returns the summary.
     """
     from autocode4math.benchmarks import load_problems
     from autocode4math.config import save_config
+    from autocode4math.fleet import as_rollouts
 
     problems = load_problems(queries, split="train") if isinstance(queries, str) else list(queries)
     if not problems:
@@ -338,22 +343,17 @@ def run_estep(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "estep_config.yaml")
-    backend = model
-    if isinstance(model, (str, Path)):
-        from autocode4math.rollout import make_backend
-
-        options = {"batch_size": config.batch_size} if config.backend == "hf" else {}
-        backend = make_backend(config.backend, str(model), **options)
-    kwargs = {"sandbox": sandbox, "grader": grader, "progress": progress}
-    records = _run_missing(backend, main_requests(problems, config), config, out / "rollouts.jsonl", {}, kwargs)
+    rollouts = as_rollouts(model, config.backend, backend_options(config), sandbox, grader)
+    path = out / "rollouts.jsonl"
+    records = _run_missing(rollouts, main_requests(problems, config), config, path, {}, progress)
     if config.mid_reasoning:
         by_id = {str(p.id): p for p in problems}
         reqs, partials = mid_requests(records, by_id, config)
-        records += _run_missing(backend, reqs, config, out / "rollouts.jsonl", partials, kwargs)
+        records += _run_missing(rollouts, reqs, config, path, partials, progress)
     train, audit = subsample(records, config)
     code_text = config.prompt.code_prefix + "\n"
     for row in train:
-        add_decision_tokens(row, backend.tokenizer, code_text, config.prompt.code_prefix)
+        add_decision_tokens(row, rollouts.tokenizer, code_text, config.prompt.code_prefix)
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "audit.jsonl", audit)
     summary = _summary(records, train)

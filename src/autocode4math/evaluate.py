@@ -17,6 +17,8 @@ temperature 0.6; `n` and `temperature` override both when given.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,17 +26,10 @@ from typing import Any
 from autocode4math.analysis import CI_METHOD, all_metrics, breakdown, plot_benchmark
 from autocode4math.benchmarks import FieldNames
 from autocode4math.config import save_config, to_dict
+from autocode4math.fleet import FleetConfig, as_rollouts, open_engines
 from autocode4math.io import DataError, JsonlAppender, read_done, write_json
 from autocode4math.prompts import MODES, PromptConfig
-from autocode4math.rollout import (
-    BACKENDS,
-    RolloutConfig,
-    RolloutRequest,
-    make_backend,
-    make_requests,
-    resolve_model,
-    run_rollouts,
-)
+from autocode4math.rollout import BACKENDS, RolloutConfig, RolloutRequest, make_requests, resolve_model
 
 PAPER_SAMPLING = {"aime24": (64, 0.6), "amc23": (64, 0.6)}
 """(n, temperature) the paper uses per benchmark; every other benchmark is greedy with n=1."""
@@ -86,6 +81,8 @@ class EvalConfig:
     group_by: list[str] = field(default_factory=lambda: ["family", "subject", "level"])
     """Problem meta keys to break the analysis down by, where a benchmark has them (toy family, MATH subject)."""
     prompt: PromptConfig = field(default_factory=PromptConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
+    """Where the rollouts run: this process (workers=1) or a Ray fleet (`--workers N`, fleet.address)."""
 
     def __post_init__(self) -> None:
         self.group_by, self.benchmarks, self.modes = map(_comma_list, (self.group_by, self.benchmarks, self.modes))
@@ -122,12 +119,23 @@ def _load(config: EvalConfig) -> dict[str, list[Any]]:
     return groups
 
 
-def _backend(config: EvalConfig) -> Any:
+def backend_options(config: EvalConfig) -> dict[str, Any]:
+    """Keyword arguments of `rollout.make_backend` for the evaluation's backend."""
     if config.backend == "hf":
-        return make_backend("hf", config.model, batch_size=config.batch_size)
+        return {"batch_size": config.batch_size}
     if config.backend == "openai":
-        return make_backend("openai", config.model, base_url=config.base_url, concurrency=config.concurrency)
-    return make_backend("vllm", config.model)
+        return {"base_url": config.base_url, "concurrency": config.concurrency}
+    return {}
+
+
+@contextmanager
+def _rollouts(config: EvalConfig, backend: Any, sandbox: Any, rollouts: Any) -> Iterator[Any]:
+    """The rollouts given, a given backend (and sandbox) run here, or the engines `config.fleet` describes."""
+    if rollouts is not None or backend is not None or sandbox is not None:
+        yield rollouts or as_rollouts(backend or config.model, config.backend, backend_options(config), sandbox)
+        return
+    with open_engines(config.fleet, config.backend, backend_options(config)) as engines:
+        yield engines.rollouts(config.model)
 
 
 RESUMABLE_CHANGES = (
@@ -142,6 +150,7 @@ RESUMABLE_CHANGES = (
     "base_url",
     "backend",
     "group_by",
+    "fleet",
 )
 """Fields that may differ when resuming; any other change would mix samples of two settings."""
 
@@ -165,12 +174,16 @@ def _key(record: dict[str, Any]) -> tuple[str, str, str, int]:
     return (str(record["benchmark"]), record["mode"], str(record["id"]), int(record["sample"]))
 
 
-def run_eval(config: EvalConfig, *, backend: Any = None, sandbox: Any = None, progress: bool = True) -> dict[str, Any]:
+def run_eval(
+    config: EvalConfig, *, backend: Any = None, sandbox: Any = None, rollouts: Any = None, progress: bool = True
+) -> dict[str, Any]:
     """Run (or resume) the evaluation; write samples, metrics, report and plots; return the metrics.
 
-    The model (unless a backend is given) and the benchmarks are checked before anything is written.
+    Trajectories run on `rollouts` when given (e.g. a training run's fleet), else on `backend` (and
+    `sandbox`) in this process, else on the engines `config.fleet` describes. The model (when this
+    function loads it) and the benchmarks are checked before anything is written.
     """
-    if backend is None:
+    if backend is None and rollouts is None:
         config = dataclasses.replace(config, model=resolve_model(config.model, config.backend))
     groups = _load(config)
     out = Path(config.out)
@@ -195,7 +208,10 @@ def run_eval(config: EvalConfig, *, backend: Any = None, sandbox: Any = None, pr
         )
         plan.append((bench, rollout, [r for r in requests if r.key() not in done]))
     if any(todo for _, _, todo in plan):
-        _generate(plan, config, backend, sandbox, samples, progress)
+        with _rollouts(config, backend, sandbox, rollouts) as runner, JsonlAppender(samples) as appender:
+            for _, rollout, todo in plan:
+                if todo:
+                    runner.run(todo, rollout, on_record=appender.write, prompt_config=config.prompt, progress=progress)
     records = [r for r in read_done(samples) if _key(r) in wanted]
     labels = group_labels(groups, config.group_by)
     return write_outputs(records, config, out, {b: sampling_for(b, config) for b in groups}, labels)
@@ -209,31 +225,6 @@ def group_labels(groups: dict[str, list[Any]], keys: list[str]) -> dict[str, dic
             if problems and all(key in p.meta for p in problems):
                 out.setdefault(bench, {})[key] = {str(p.id): p.meta[key] for p in problems}
     return out
-
-
-def _generate(plan, config: EvalConfig, backend: Any, sandbox: Any, samples: Path, progress: bool) -> None:
-    backend = backend or _backend(config)
-    own_pool = sandbox is None
-    if own_pool:
-        from autocode4math.sandbox import SandboxPool
-
-        sandbox = SandboxPool()
-    try:
-        with JsonlAppender(samples) as appender:
-            for _, rollout, todo in plan:
-                if todo:
-                    run_rollouts(
-                        backend,
-                        todo,
-                        rollout,
-                        on_record=appender.write,
-                        progress=progress,
-                        sandbox=sandbox,
-                        prompt_config=config.prompt,
-                    )
-    finally:
-        if own_pool:
-            sandbox.close()
 
 
 def write_outputs(
