@@ -329,7 +329,9 @@ def mstep(
 @app.command("train")
 @_user_errors
 def train_cmd(
-    config: str = typer.Option("", help="YAML preset with TrainConfig fields (e.g. presets/toy-em.yaml)."),
+    config: str = typer.Option(
+        "", help="YAML preset with TrainConfig fields (e.g. src/autocode4math/presets/train/toy-em.yaml)."
+    ),
     method: str = typer.Option("", help="em (default), rl (on-policy RL, no E-step) or sft (fixed dataset)."),
     model: str = typer.Option("", help="Starting checkpoint: a directory, hub id, or toy-base / toy-sft."),
     queries: str = typer.Option("", help="Training queries (train split): toy, a file, or a HF dataset id."),
