@@ -184,6 +184,20 @@ def bench_grading(
         typer.echo(f"{name}: {value:.1f}" if isinstance(value, float) else f"{name}: {value}")
 
 
+@bench_app.command("view")
+def bench_view_cmd(
+    trajectories: int = typer.Option(20_000, help="Synthetic trajectories in the run."),
+    chars: int = typer.Option(1500, help="Characters of reasoning per trajectory before its answer."),
+    out: str = typer.Option("runs/bench-view", help="Where the synthetic run and its page go."),
+    browser: bool = typer.Option(True, help="Also time load, filter, search in headless Chromium."),
+) -> None:
+    """Size of the `autocode view` page for a large run and how long it takes to load and filter."""
+    from autocode4math.view import bench_view
+
+    for name, value in bench_view(trajectories, chars, out, browser).items():
+        typer.echo(f"{name}: {value}")
+
+
 # --- rollouts and evaluation (eval) ---
 
 
@@ -217,6 +231,25 @@ def eval_(
     cfg = _config(EvalConfig, config, overrides, given)
     with _run_errors():
         run_eval(cfg)
+
+
+@app.command("view")
+def view_cmd(
+    run_dir: str = typer.Argument(..., help="A run directory: an eval, an E-step, a training run or the demo."),
+    run_dir_b: str = typer.Argument("", help="A second run directory, shown beside the first (sources A and B)."),
+    out: str = typer.Option("", help="The HTML file to write (default: RUN_DIR/view.html)."),
+    no_compress: bool = typer.Option(False, "--no-compress", help="Embed plain JSON even when the data is large."),
+) -> None:
+    """One self-contained HTML page (opens from disk, no server) to read, filter and compare a run's trajectories."""
+    from autocode4math.io import DataError
+    from autocode4math.view import write_view
+
+    runs = [run_dir, *([run_dir_b] if run_dir_b else [])]
+    try:
+        path = write_view(runs, out or None, compress=False if no_compress else None)
+    except (DataError, OSError) as e:
+        _fail(str(e))
+    typer.echo(f"{path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
 # --- toy world (toy ...) ---

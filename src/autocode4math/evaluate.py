@@ -8,7 +8,8 @@ Outputs in `out/`:
   whose model or sampling settings differ from the saved config.yaml is refused rather than mixed.
 - `metrics.json`: per benchmark and mode (accuracy with a 95% interval, code use, code calls,
   code error rate, tokens), the union bound and auto's selection accuracy (see analysis.py).
-- `report.md` and `plots/<benchmark>.png` (auto vs cot vs code vs union).
+- `report.md`, `plots/<benchmark>.png` (auto vs cot vs code vs union) and `plots/<benchmark>_cost.png`
+  (accuracy against generated tokens and against code calls, with the Pareto front).
 
 Sampling defaults follow the paper: greedy Pass@1, except AIME24 and AMC23 with 64 samples at
 temperature 0.6; `n` and `temperature` override both when given.
@@ -23,7 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from autocode4math.analysis import CI_METHOD, all_metrics, breakdown, plot_benchmark
+from autocode4math.analysis import (
+    CI_METHOD,
+    all_metrics,
+    breakdown,
+    cost_points,
+    cost_table,
+    plot_benchmark,
+    plot_pareto,
+)
 from autocode4math.benchmarks import FieldNames
 from autocode4math.config import save_config, to_dict
 from autocode4math.fleet import FleetConfig, as_rollouts, open_engines
@@ -234,8 +243,9 @@ def write_outputs(
     sampling: dict[str, tuple[int, float]],
     labels: dict[str, dict[str, dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
-    """metrics.json, report.md, one PNG per benchmark, and the table on the terminal."""
+    """metrics.json, report.md, two PNGs per benchmark, and the table on the terminal."""
     benchmarks = all_metrics(records, config.prompt.code_prefix)
+    cost = {bench: cost_points({config.model: m}) for bench, m in benchmarks.items()}
     metrics = {
         "model": config.model,
         "ci_method": CI_METHOD,
@@ -248,10 +258,12 @@ def write_outputs(
             }
             for bench, by_key in (labels or {}).items()
         },
+        "cost": cost,
     }
     write_json(out / "metrics.json", metrics)
     for bench, m in benchmarks.items():
         plot_benchmark(bench, m, out / "plots" / f"{bench}.png")
+        plot_pareto(cost[bench], out / "plots" / f"{bench}_cost.png", f"{bench}: accuracy versus cost")
     (out / "report.md").write_text(render_report(metrics), encoding="utf-8")
     print_table(metrics)
     return metrics
@@ -270,6 +282,7 @@ def _rows(m: dict[str, Any]) -> list[list[str]]:
             f"{_pct(v['ci_low'])}-{_pct(v['ci_high'])}",
             _pct(v["code_use_rate"]),
             f"{v['mean_code_calls']:.2f}",
+            "-" if v.get("mean_sandbox_s") is None else f"{v['mean_sandbox_s']:.3f}",
             _pct(v["code_error_rate"]),
             f"{v['mean_tokens']:.0f}",
         ]
@@ -277,7 +290,7 @@ def _rows(m: dict[str, Any]) -> list[list[str]]:
     ]
 
 
-HEADER = ["mode", "n", "acc %", "95% CI", "code %", "calls", "err %", "tokens"]
+HEADER = ["mode", "n", "acc %", "95% CI", "code %", "calls", "sandbox s", "err %", "tokens"]
 
 
 def _summary(m: dict[str, Any]) -> str:
@@ -304,6 +317,9 @@ def render_report(metrics: dict[str, Any]) -> str:
         summary = _summary(m)
         lines += ["", summary, ""] if summary else [""]
         lines += [f"![{bench}](plots/{bench}.png)", ""]
+        if metrics.get("cost", {}).get(bench):
+            lines += [f"### {bench}: accuracy versus cost", ""]
+            lines += [*cost_table(metrics["cost"][bench], f"plots/{bench}_cost.png"), ""]
         for key, table in metrics.get("breakdown", {}).get(bench, {}).items():
             lines += [f"### {bench} by {key}", "", *breakdown_table(table), ""]
     lines += [
@@ -311,8 +327,10 @@ def render_report(metrics: dict[str, Any]) -> str:
         "",
         f"- Accuracy: mean correctness over all samples; 95% interval: {metrics['ci_method']}.",
         "- n: samples; code %: share of samples that executed at least one code block; calls: mean executed code"
-        " blocks per sample; err %: share of executed blocks whose status is not ok; tokens: mean model-generated"
-        " tokens.",
+        " blocks per sample; sandbox s: mean seconds the sandbox ran a sample's code; err %: share of executed"
+        " blocks whose status is not ok; tokens: mean model-generated tokens (tool output excluded).",
+        "- Per question (/ q): the mean over samples, i.e. the cost of answering a question once. Pareto front:"
+        " no other mode or model is at least as accurate for at most the same tokens (or code calls).",
         "- Union bound: mean over questions of max(cot solve rate, code solve rate).",
         "- Selection accuracy: over auto samples of questions where cot and code solve rates differ, the share"
         " whose use of code matches the better mode; tied questions are excluded.",
