@@ -46,6 +46,7 @@ from autocode4math.launch import LaunchConfig, launch_mstep
 from autocode4math.mstep import MStepConfig, run_mstep
 from autocode4math.prompts import CODE_PREFIX, MODES
 from autocode4math.rollout import resolve_model
+from autocode4math.sandbox import SandboxConfig
 
 METHODS = ("em", "rl", "sft")
 
@@ -103,6 +104,8 @@ class TrainConfig:
     """Where rollouts run (E-step, RL collection, dev evaluation): this process, or `--workers N` Ray actors."""
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     """How the M-step runs: in this process, or `--launch PRESET` under accelerate launch."""
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    """Where and under which limits model code runs, in every stage (e.g. `--set sandbox.url=http://host:8100`)."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -115,6 +118,8 @@ class TrainConfig:
             raise ValueError("rl_samples must be >= 2 (the advantage is normalised within a query's group)")
         if self.sft_per_iteration < 1:
             raise ValueError(f"sft_per_iteration must be >= 1, got {self.sft_per_iteration}")
+        if self.estep.sandbox != SandboxConfig():
+            raise ValueError("set the run's sandbox with sandbox.* (it serves every stage), not estep.sandbox.*")
         if self.estep.backend == "openai" and not self.fleet.server:
             raise ValueError(
                 "training with backend openai needs fleet.server, a command that serves each iteration's policy "
@@ -150,7 +155,7 @@ def train(config: TrainConfig, progress: bool = True) -> list[dict[str, Any]]:
     save_config(config, run / "config.yaml")
     state = RunState(run)
     spent = {"tokens": 0, "train_tokens": 0}
-    with open_engines(config.fleet, config.estep.backend, backend_options(config.estep)) as engines:
+    with open_engines(config.fleet, config.estep.backend, backend_options(config.estep), config.sandbox) as engines:
         rows = [_evaluate_stage(state, run / "iter-00" / "eval", engines.rollouts(policy), config, 0, spent, progress)]
         for it in range(1, config.iterations + 1):
             d = run / f"iter-{it:02d}"
@@ -313,6 +318,7 @@ def _evaluate_stage(
             batch_size=config.eval.batch_size,
             backend=config.estep.backend,
             prompt=config.estep.prompt,
+            sandbox=config.sandbox,
         )
         metrics = run_eval(ev, rollouts=rollouts, progress=progress)
         row = {"iteration": it, "method": config.method, "model": policy, **spent, **flatten_metrics(metrics)}

@@ -35,6 +35,7 @@ from typing import Any
 from autocode4math.io import JsonlAppender, read_done, write_json, write_jsonl
 from autocode4math.prompts import CODE_PREFIX, PromptConfig
 from autocode4math.rollout.engine import RolloutConfig, RolloutRequest, encode
+from autocode4math.sandbox import SandboxConfig, open_sandbox
 
 MID_OFFSET = 10_000
 """Sample indices of mid-reasoning continuations start here, so their keys never clash with the rest."""
@@ -76,6 +77,8 @@ class EStepConfig:
     """Sampling of the rollouts (the paper: temperature 1.0, top-p 0.9)."""
     prompt: PromptConfig = field(default_factory=PromptConfig)
     """Prompt template and code prefix."""
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    """Where and under which limits model code runs (e.g. `--set sandbox.url=http://host:8100`, `sandbox.timeout_s`)."""
 
     def __post_init__(self) -> None:
         for name in ("k", "per_query", "n_auto", "mid_per_query", "mid_k", "batch_size"):
@@ -343,13 +346,19 @@ def run_estep(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "estep_config.yaml")
-    rollouts = as_rollouts(model, config.backend, backend_options(config), sandbox, grader)
-    path = out / "rollouts.jsonl"
-    records = _run_missing(rollouts, main_requests(problems, config), config, path, {}, progress)
-    if config.mid_reasoning:
-        by_id = {str(p.id): p for p in problems}
-        reqs, partials = mid_requests(records, by_id, config)
-        records += _run_missing(rollouts, reqs, config, path, partials, progress)
+    own_sandbox = sandbox is None and not (hasattr(model, "run") and hasattr(model, "tokenizer"))
+    sandbox = open_sandbox(config.sandbox) if own_sandbox else sandbox
+    try:
+        rollouts = as_rollouts(model, config.backend, backend_options(config), sandbox, grader)
+        path = out / "rollouts.jsonl"
+        records = _run_missing(rollouts, main_requests(problems, config), config, path, {}, progress)
+        if config.mid_reasoning:
+            by_id = {str(p.id): p for p in problems}
+            reqs, partials = mid_requests(records, by_id, config)
+            records += _run_missing(rollouts, reqs, config, path, partials, progress)
+    finally:
+        if own_sandbox:
+            sandbox.close()
     train, audit = subsample(records, config)
     code_text = config.prompt.code_prefix + "\n"
     for row in train:

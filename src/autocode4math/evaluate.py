@@ -39,6 +39,7 @@ from autocode4math.fleet import FleetConfig, as_rollouts, open_engines
 from autocode4math.io import DataError, JsonlAppender, read_done, write_json
 from autocode4math.prompts import MODES, PromptConfig
 from autocode4math.rollout import BACKENDS, RolloutConfig, RolloutRequest, make_requests, resolve_model
+from autocode4math.sandbox import SandboxConfig
 
 PAPER_SAMPLING = {"aime24": (64, 0.6), "amc23": (64, 0.6)}
 """(n, temperature) the paper uses per benchmark; every other benchmark is greedy with n=1."""
@@ -92,6 +93,8 @@ class EvalConfig:
     prompt: PromptConfig = field(default_factory=PromptConfig)
     fleet: FleetConfig = field(default_factory=FleetConfig)
     """Where the rollouts run: this process (workers=1) or a Ray fleet (`--workers N`, fleet.address)."""
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    """Where and under which limits model code runs (e.g. `--set sandbox.url=http://host:8100`, `sandbox.timeout_s`)."""
 
     def __post_init__(self) -> None:
         self.group_by, self.benchmarks, self.modes = map(_comma_list, (self.group_by, self.benchmarks, self.modes))
@@ -143,7 +146,7 @@ def _rollouts(config: EvalConfig, backend: Any, sandbox: Any, rollouts: Any) -> 
     if rollouts is not None or backend is not None or sandbox is not None:
         yield rollouts or as_rollouts(backend or config.model, config.backend, backend_options(config), sandbox)
         return
-    with open_engines(config.fleet, config.backend, backend_options(config)) as engines:
+    with open_engines(config.fleet, config.backend, backend_options(config), config.sandbox) as engines:
         yield engines.rollouts(config.model)
 
 
@@ -160,6 +163,7 @@ RESUMABLE_CHANGES = (
     "backend",
     "group_by",
     "fleet",
+    "sandbox",
 )
 """Fields that may differ when resuming; any other change would mix samples of two settings."""
 
