@@ -33,9 +33,10 @@ from autocode4math.analysis import (
     plot_benchmark,
     plot_pareto,
 )
+from autocode4math.benchmarks import FieldNames
 from autocode4math.config import save_config, to_dict
 from autocode4math.fleet import FleetConfig, as_rollouts, open_engines
-from autocode4math.io import JsonlAppender, read_done, write_json
+from autocode4math.io import DataError, JsonlAppender, read_done, write_json
 from autocode4math.prompts import MODES, PromptConfig
 from autocode4math.rollout import (
     BACKENDS,
@@ -45,6 +46,7 @@ from autocode4math.rollout import (
     ServerConfig,
     backend_kwargs,
     make_requests,
+    resolve_model,
 )
 from autocode4math.sandbox import SandboxConfig
 
@@ -67,6 +69,8 @@ class EvalConfig:
     """Shipped benchmark names or anything `load_problems` reads (toy, a file, a HF dataset id)."""
     benchmark_files: list[str] = field(default_factory=list)
     """Extra benchmark files (.jsonl/.json/.parquet); the loader names the benchmark."""
+    fields: FieldNames = field(default_factory=FieldNames)
+    """Names of the question/answer/id fields in benchmark files and Hub datasets (default: detected)."""
     modes: list[str] = field(default_factory=lambda: list(MODES))
     """Modes to run: auto, cot, code. Union and selection accuracy need all three."""
     n: int | None = None
@@ -127,9 +131,9 @@ def _load(config: EvalConfig) -> dict[str, list[Any]]:
 
     groups: dict[str, list[Any]] = {}
     for source in [*config.benchmarks, *config.benchmark_files]:
-        problems = load_problems(source, limit=config.limit)
+        problems = load_problems(source, limit=config.limit, **config.fields.as_kwargs())
         if not problems:
-            raise ValueError(f"benchmark {source!r} has no problems")
+            raise DataError(f"benchmark {source!r} has no problems")
         groups.setdefault(problems[0].benchmark, []).extend(problems)
     return groups
 
@@ -142,8 +146,6 @@ def backend_options(config: EvalConfig) -> dict[str, Any]:
 @contextmanager
 def _rollouts(config: EvalConfig, backend: Any, sandbox: Any, rollouts: Any) -> Iterator[Any]:
     """The rollouts given, a given backend (and sandbox) run here, or the engines `config.fleet` describes."""
-    if not config.model and rollouts is None and backend is None:
-        raise ValueError("EvalConfig.model is empty: give --model PATH_OR_ID")
     if rollouts is not None or backend is not None or sandbox is not None:
         yield rollouts or as_rollouts(backend or config.model, config.backend, backend_options(config), sandbox)
         return
@@ -193,13 +195,16 @@ def run_eval(
     """Run (or resume) the evaluation; write samples, metrics, report and plots; return the metrics.
 
     Trajectories run on `rollouts` when given (e.g. a training run's fleet), else on `backend` (and
-    `sandbox`) in this process, else on the engines `config.fleet` describes.
+    `sandbox`) in this process, else on the engines `config.fleet` describes. The model (when this
+    function loads it) and the benchmarks are checked before anything is written.
     """
+    if backend is None and rollouts is None:
+        config = dataclasses.replace(config, model=resolve_model(config.model, config.backend))
+    groups = _load(config)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     _check_resume(config, out)
     save_config(config, out / "config.yaml")
-    groups = _load(config)
     samples = out / "samples.jsonl"
     done = {_key(r) for r in read_done(samples)}
     plan: list[tuple[str, RolloutConfig, list[RolloutRequest]]] = []
@@ -252,7 +257,7 @@ def write_outputs(
 
     `rollout`: what this run's generation measured (schedule, backend occupancy); None when nothing was generated.
     """
-    benchmarks = all_metrics(records)
+    benchmarks = all_metrics(records, config.prompt.code_prefix)
     cost = {bench: cost_points({config.model: m}) for bench, m in benchmarks.items()}
     metrics = {
         "model": config.model,
@@ -260,7 +265,10 @@ def write_outputs(
         "sampling": {b: {"n": n, "temperature": t} for b, (n, t) in sampling.items()},
         "benchmarks": benchmarks,
         "breakdown": {
-            bench: {key: breakdown([r for r in records if r["benchmark"] == bench], ids) for key, ids in by_key.items()}
+            bench: {
+                key: breakdown([r for r in records if r["benchmark"] == bench], ids, config.prompt.code_prefix)
+                for key, ids in by_key.items()
+            }
             for bench, by_key in (labels or {}).items()
         },
         "cost": cost,
