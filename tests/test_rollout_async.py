@@ -212,3 +212,21 @@ def test_sandbox_pool_serves_sessions_from_many_threads(pool):
     for t in threads:
         t.join(60)
     assert outputs == {i: [f"{i}\n", f"{10 * i}\n"] for i in range(6)}
+
+
+@pytest.mark.slow
+def test_bench_async_compares_both_schedules_on_the_same_requests():
+    from typer.testing import CliRunner
+
+    from autocode4math.bench_async import AsyncBenchConfig, bench_async, scripted_turns
+    from autocode4math.cli import app
+
+    cfg = AsyncBenchConfig(n=4, max_active=2, slots=2, base_s=0.0, prefill_s=0.0, decode_s=0.0, code_s=0.0)
+    result = bench_async(cfg)
+    assert result["schedules"] == ["rounds", "async"] and result["same_records"] is True
+    assert result["generation_requests"][0] == result["generation_requests"][1] > 4
+    assert all(0 <= x <= 1 for x in result["occupancy"] + result["slot_occupancy"])
+    turns = scripted_turns("What is 2 + 3?", 5, cfg)
+    assert turns[-1].endswith("\\boxed{5}.") and all(t.endswith("```output") for t in turns[:-1]) and len(turns) <= 3
+    bad = CliRunner().invoke(app, ["bench", "async", "--n", "0"])
+    assert bad.exit_code == 2 and "n must be >= 1" in bad.output

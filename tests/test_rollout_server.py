@@ -249,15 +249,16 @@ def test_eval_and_estep_over_a_server_report_occupancy_and_token_source(tmp_path
     from autocode4math.estep import EStepConfig, run_estep
     from autocode4math.evaluate import EvalConfig, run_eval
     from autocode4math.io import read_json, read_jsonl
+    from autocode4math.prompts import PromptConfig
     from autocode4math.toymodel import CHECKPOINT_DIR
 
     model = str(CHECKPOINT_DIR / "toy-base")
     with LoadServer(_toy_tokenizer(model), lambda ctx: "So \\boxed{3}.") as server:
-        options = ServerConfig(base_url=server.url)
+        options, plain = ServerConfig(base_url=server.url), PromptConfig(use_chat_template=False)
         config = EvalConfig(model=model, benchmarks=["toy"], modes=["cot"], limit=2, backend="openai",
-                            server=options, out=str(tmp_path / "eval"))  # fmt: skip
+                            server=options, prompt=plain, out=str(tmp_path / "eval"))  # fmt: skip
         metrics = run_eval(config, sandbox=pool, progress=False)
-        estep = EStepConfig(k=1, per_query=1, backend="openai", server=options)
+        estep = EStepConfig(k=1, per_query=1, backend="openai", server=options, prompt=plain)
         problems = [Problem("q", "What is 1 + 2?", "3", "toy", {})]
         summary = run_estep(model, problems, estep, tmp_path / "estep", sandbox=pool, progress=False)
     assert metrics["rollout"]["schedule"] == "async" and metrics["rollout"]["trajectories"] == 2

@@ -81,6 +81,7 @@ def _responder(problems: list[Any], cfg: AsyncBenchConfig) -> Any:
 def bench_async(cfg: AsyncBenchConfig) -> dict[str, Any]:
     """Run rounds, then async, on the same requests; the figures of each and their comparison."""
     from autocode4math.benchmarks import load_problems
+    from autocode4math.prompts import PromptConfig
     from autocode4math.rollout import RolloutConfig, RolloutStats, make_requests, run_rollouts
     from autocode4math.rollout.loadserver import LoadModel, LoadServer
     from autocode4math.rollout.openai import OpenAIBackend, ServerConfig
@@ -89,7 +90,8 @@ def bench_async(cfg: AsyncBenchConfig) -> dict[str, Any]:
 
     tokenizer = _tokenizer(CHECKPOINT_DIR / "toy-base")
     problems = load_problems("toy", split="dev", limit=cfg.n)
-    requests = make_requests(problems, ["auto"], 1)
+    prompt = PromptConfig(use_chat_template=False)  # the toy tokenizer has none: the plain template, as intended
+    requests = make_requests(problems, ["auto"], 1, prompt)
     load = LoadModel(cfg.slots, cfg.base_s, cfg.prefill_s, cfg.decode_s)
     out: dict[str, Any] = {"schedules": ["rounds", "async"], "config": asdict(cfg)}
     records = {}
@@ -100,7 +102,9 @@ def bench_async(cfg: AsyncBenchConfig) -> dict[str, Any]:
                 backend = OpenAIBackend("toy", server_config, tokenizer=tokenizer)
                 stats = RolloutStats()
                 config = RolloutConfig(max_new_tokens=2048, max_active=cfg.max_active, schedule=schedule)
-                records[schedule] = run_rollouts(backend, requests, config, progress=False, sandbox=pool, stats=stats)
+                records[schedule] = run_rollouts(
+                    backend, requests, config, progress=False, sandbox=pool, prompt_config=prompt, stats=stats
+                )
                 backend.close()
                 out.setdefault("wall_s", []).append(round(stats.wall_s, 3))
                 out.setdefault("occupancy", []).append(round(stats.occupancy, 4))
