@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
@@ -28,6 +29,23 @@ sandbox_app = typer.Typer(help="The code sandbox as a service.", no_args_is_help
 app.add_typer(bench_app, name="bench")
 app.add_typer(toy_app, name="toy")
 app.add_typer(sandbox_app, name="sandbox")
+
+QUESTION_FIELD = typer.Option(None, "--question-field", help="Question field of a benchmark file (default: detected).")
+ANSWER_FIELD = typer.Option(None, "--answer-field", help="Gold answer field of a benchmark file (default: detected).")
+ID_FIELD = typer.Option(None, "--id-field", help="Id field of a benchmark file (default: detected, else row number).")
+OPTION_LABELS = {"fields.question": "--question-field", "fields.answer": "--answer-field", "fields.id": "--id-field",
+                 "launch.preset": "--launch"}  # fmt: skip
+"""How errors name config fields set by an option whose name is not the field's own."""
+
+
+@app.callback()
+def _main() -> None:
+    warnings.formatwarning = _one_line_warning
+
+
+def _one_line_warning(message: Warning | str, *args: Any, **kwargs: Any) -> str:
+    """Warnings as users read them: `Warning: <message>`, without the source line that issued them."""
+    return f"Warning: {message}\n"
 
 
 def _fail(message: str) -> NoReturn:
@@ -59,7 +77,11 @@ def _config(cls: type, path: str, overrides: list[str], values: dict[str, Any] |
     from autocode4math.config import load_config
 
     given = {k: v for k, v in (values or {}).items() if v is not None and v != ""}
-    return load_config(cls, path or None, overrides, given, **kw)
+    return load_config(cls, path or None, overrides, given, labels=OPTION_LABELS, **kw)
+
+
+def _fields(question: str | None, answer: str | None, id_: str | None) -> dict[str, str | None]:
+    return {"fields.question": question, "fields.answer": answer, "fields.id": id_}
 
 
 @contextlib.contextmanager
@@ -231,6 +253,9 @@ def eval_(
     benchmark_file: list[str] = typer.Option([], help="Extra benchmark file (.jsonl/.json/.parquet); repeatable."),
     limit: int | None = typer.Option(None, help="Only the first N questions of each benchmark."),
     backend: str = typer.Option("", help="hf (default), openai or vllm."),
+    question_field: str | None = QUESTION_FIELD,
+    answer_field: str | None = ANSWER_FIELD,
+    id_field: str | None = ID_FIELD,
     workers: int | None = typer.Option(None, help="Rollout engines; more than 1 runs them as Ray actors (fleet.*)."),
     config: str = typer.Option("", help="YAML file with EvalConfig fields."),
     overrides: list[str] = typer.Option([], "--set", help="Dotted overrides, e.g. --set max_new_tokens=1024."),
@@ -240,7 +265,7 @@ def eval_(
 
     given = {"model": model, "benchmarks": benchmarks, "modes": modes, "out": out, "backend": backend, "n": n}
     given |= {"temperature": temperature, "limit": limit, "benchmark_files": benchmark_file or None}
-    given |= {"fleet.workers": workers}
+    given |= _fields(question_field, answer_field, id_field) | {"fleet.workers": workers}
     if benchmark_file and not benchmarks:
         given["benchmarks"] = []  # only the given files, not the default benchmarks
     cfg = _config(EvalConfig, config, overrides, given)
@@ -307,7 +332,10 @@ def toy_pretrain(
         "base", help="base (from scratch, CoT-heavy) or sft (tool-integrated, code choice not tied to the family)."
     ),
     seed: int = typer.Option(0, help="Seeds corpus, initialisation and batch order."),
-    out_dir: str = typer.Option("", help="Output directory; default: the package's checkpoints/toy-<stage>."),
+    out_dir: str = typer.Option("", help="Output directory; default: runs/toy-<stage>."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace a checkpoint already in the output directory (a shipped one included)."
+    ),
     config: str = typer.Option("", help="YAML file with PretrainConfig fields (steps, lr, sft_code_digits, ...)."),
     overrides: list[str] = typer.Option(
         [], "--set", help="Dotted overrides, e.g. --set steps=500 --set model.num_layers=2."
@@ -317,7 +345,7 @@ def toy_pretrain(
     from autocode4math.toymodel import PretrainConfig, pretrain
 
     cfg = _config(PretrainConfig, config, overrides, {"stage": stage, "seed": seed, "out_dir": out_dir})
-    pretrain(cfg, log=lambda line: typer.echo(line))
+    pretrain(cfg, log=lambda line: typer.echo(line), overwrite=overwrite)
 
 
 # --- training (estep, mstep, train, demo) ---
@@ -331,19 +359,25 @@ def estep(
     out: str = typer.Option(..., help="Output directory: rollouts.jsonl, train.jsonl, audit.jsonl, summary.json."),
     split: str = typer.Option("train", help="Split of a named source (toy: train/dev/test)."),
     limit: int = typer.Option(0, help="Use only the first N queries (0: all)."),
+    question_field: str | None = QUESTION_FIELD,
+    answer_field: str | None = ANSWER_FIELD,
+    id_field: str | None = ID_FIELD,
     config: str = typer.Option("", help="YAML preset with EStepConfig fields."),
     overrides: list[str] = typer.Option([], "--set", help="Dotted overrides, e.g. --set k=8 --set alpha=2."),
 ) -> None:
     """E-step: K rollouts per code decision, Q, pi, s*, and the subsampled training set (resumable)."""
     import json
 
-    from autocode4math.benchmarks import load_problems
+    from autocode4math.benchmarks import FieldNames, load_problems
     from autocode4math.estep import EStepConfig, run_estep
+    from autocode4math.rollout import resolve_model
 
     if limit < 0:
         _fail(f"--limit must be >= 0 (0: all queries), got {limit}")
     cfg = _config(EStepConfig, config, overrides)
-    problems = load_problems(queries, split=split, limit=limit or None)
+    model = resolve_model(model, cfg.backend)
+    fields = FieldNames(question_field, answer_field, id_field)
+    problems = load_problems(queries, split=split, limit=limit or None, **fields.as_kwargs())
     summary = run_estep(model, problems, cfg, out)
     typer.echo(json.dumps(summary, indent=2))
 
@@ -359,20 +393,26 @@ def mstep(
 ) -> None:
     """M-step: clipped off-policy RL + decision cross-entropy; `accelerate launch -m autocode4math.cli mstep ...`."""
     from autocode4math.mstep import MStepConfig, run_mstep
+    from autocode4math.rollout import resolve_model
 
     cfg = _config(MStepConfig, config, overrides)
-    typer.echo(str(run_mstep(model, data, cfg, out)))
+    typer.echo(str(run_mstep(resolve_model(model), data, cfg, out)))
 
 
 @app.command("train")
 @_user_errors
 def train_cmd(
-    config: str = typer.Option("", help="YAML preset with TrainConfig fields (e.g. presets/toy-em.yaml)."),
+    config: str = typer.Option(
+        "", help="YAML preset with TrainConfig fields (e.g. src/autocode4math/presets/train/toy-em.yaml)."
+    ),
     method: str = typer.Option("", help="em (default), rl (on-policy RL, no E-step) or sft (fixed dataset)."),
     model: str = typer.Option("", help="Starting checkpoint: a directory, hub id, or toy-base / toy-sft."),
     queries: str = typer.Option("", help="Training queries (train split): toy, a file, or a HF dataset id."),
     out: str = typer.Option("", help="Run directory; running the same command again resumes it."),
     iterations: int | None = typer.Option(None, help="EM iterations (E-step, M-step, dev evaluation each)."),
+    question_field: str | None = QUESTION_FIELD,
+    answer_field: str | None = ANSWER_FIELD,
+    id_field: str | None = ID_FIELD,
     workers: int | None = typer.Option(
         None, help="Rollout engines (E-step, RL collection, dev evaluation); more than 1 runs them as Ray actors."
     ),
@@ -389,7 +429,7 @@ def train_cmd(
     from autocode4math.em import TrainConfig, train
 
     given = {"method": method, "model": model, "queries": queries, "out": out, "iterations": iterations}
-    given |= {"fleet.workers": workers, "launch.preset": launch}
+    given |= _fields(question_field, answer_field, id_field) | {"fleet.workers": workers, "launch.preset": launch}
     cfg = _config(TrainConfig, config, overrides, given)
     with _run_errors():
         rows = train(cfg)
@@ -504,3 +544,27 @@ def bench_fleet_cmd(
 
 if __name__ == "__main__":  # `accelerate launch -m autocode4math.cli mstep ...`
     app()
+
+
+@bench_app.command("async")
+def bench_async_cmd(
+    n: int = typer.Option(48, help="Trajectories (toy dev questions, auto mode)."),
+    max_active: int = typer.Option(16, help="Trajectories in flight (and the client's concurrency)."),
+    slots: int = typer.Option(16, help="Load-model server: requests served at once."),
+    decode_s: float = typer.Option(0.004, help="Load-model server: seconds per generated token."),
+    code_s: float = typer.Option(0.2, help="Seconds each scripted code block sleeps in the sandbox."),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable JSON object as the last line."),
+) -> None:
+    """Async trajectories vs rounds on the same requests through a server backend (a load-model server, not a GPU)."""
+    import json
+
+    from autocode4math.bench_async import AsyncBenchConfig, bench_async, print_async_table
+
+    try:
+        cfg = AsyncBenchConfig(n=n, max_active=max_active, slots=slots, decode_s=decode_s, code_s=code_s)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    result = bench_async(cfg)
+    print_async_table(result)
+    if as_json:
+        typer.echo(json.dumps(result))
