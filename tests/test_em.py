@@ -130,3 +130,26 @@ def test_killed_during_rollouts_and_during_optimizer_steps_resumes(tiny_model_di
     steps = [r["step"] for r in read_jsonl(metrics)]
     assert steps == [1, 2, 3, 4]
     assert (run / "iter-01" / "mstep" / "model" / "config.json").exists()
+
+
+def test_sft_records_train_exactly_the_model_written_tokens():
+    """The stop string is the model's (trained); the tool's output, from its newline to the closing fence, is not."""
+    import re
+
+    from transformers import AutoTokenizer
+
+    from autocode4math.em import toy_sft_records
+    from autocode4math.rollout import SHIPPED_CHECKPOINTS
+
+    policy = str(SHIPPED_CHECKPOINTS / "toy-base")
+    tok = AutoTokenizer.from_pretrained(policy)
+    rows = toy_sft_records(policy, 24)
+    assert any(r["used_code"] for r in rows) and not all(r["used_code"] for r in rows)
+    for r in rows:
+        masked = tok.decode([t for t, m in zip(r["response_ids"], r["response_mask"], strict=True) if not m])
+        tool_outputs = re.findall(r"```output(\n.*?\n```\n)", r["response"], flags=re.DOTALL)
+        assert masked == "".join(tool_outputs)
+        trained = tok.decode([t for t, m in zip(r["response_ids"], r["response_mask"], strict=True) if m])
+        assert trained.count("```output") == r["response"].count("```output") == len(tool_outputs)
+        assert r["response_ids"][-1] == tok.eos_token_id and r["response_mask"][-1] == 1
+        assert r["c"] == int(r["used_code"] or (r["prefix"] + r["response"]).startswith("Let's first analyze"))

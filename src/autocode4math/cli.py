@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -27,8 +28,27 @@ app = typer.Typer(
 )
 bench_app = typer.Typer(help="Benchmarks that print figures (throughput, latency, utilisation).", no_args_is_help=True)
 toy_app = typer.Typer(help="The embedded synthetic math world and its tiny models.", no_args_is_help=True)
+sandbox_app = typer.Typer(help="The code sandbox as a service.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 app.add_typer(toy_app, name="toy")
+app.add_typer(sandbox_app, name="sandbox")
+
+QUESTION_FIELD = typer.Option(None, "--question-field", help="Question field of a benchmark file (default: detected).")
+ANSWER_FIELD = typer.Option(None, "--answer-field", help="Gold answer field of a benchmark file (default: detected).")
+ID_FIELD = typer.Option(None, "--id-field", help="Id field of a benchmark file (default: detected, else row number).")
+OPTION_LABELS = {"fields.question": "--question-field", "fields.answer": "--answer-field", "fields.id": "--id-field",
+                 "launch.preset": "--launch"}  # fmt: skip
+"""How errors name config fields set by an option whose name is not the field's own."""
+
+
+@app.callback()
+def _main() -> None:
+    warnings.formatwarning = _one_line_warning
+
+
+def _one_line_warning(message: Warning | str, *args: Any, **kwargs: Any) -> str:
+    """Warnings as users read them: `Warning: <message>`, without the source line that issued them."""
+    return f"Warning: {message}\n"
 
 
 def _fail(message: str) -> NoReturn:
@@ -60,7 +80,11 @@ def _config(cls: type, path: str, overrides: list[str], values: dict[str, Any] |
     from autocode4math.config import load_config
 
     given = {k: v for k, v in (values or {}).items() if v is not None and v != ""}
-    return load_config(cls, path or None, overrides, given, **kw)
+    return load_config(cls, path or None, overrides, given, labels=OPTION_LABELS, **kw)
+
+
+def _fields(question: str | None, answer: str | None, id_: str | None) -> dict[str, str | None]:
+    return {"fields.question": question, "fields.answer": answer, "fields.id": id_}
 
 
 @contextlib.contextmanager
@@ -87,22 +111,23 @@ def version() -> None:
 
 
 @app.command("exec")
+@_user_errors
 def exec_code(
-    timeout: float = typer.Option(10.0, "--timeout", help="Wall-clock limit in seconds."),
-    memory_mb: int = typer.Option(1024, "--memory-mb", help="Memory the code may use, in MB."),
+    timeout: float | None = typer.Option(None, "--timeout", help="Wall-clock limit in seconds (default 10)."),
+    memory_mb: int | None = typer.Option(None, "--memory-mb", help="Memory the code may use, in MB (default 1024)."),
+    overrides: list[str] = typer.Option([], "--set", help="SandboxConfig fields, e.g. --set url=http://host:8100."),
 ) -> None:
     """Run Python read from stdin in the isolated sandbox; the last stdout line is a JSON result."""
+    import dataclasses
     import json
     import sys
 
-    from autocode4math.sandbox import SandboxConfig, SandboxError, execute
+    from autocode4math.sandbox import SandboxConfig, SandboxError, open_sandbox
 
+    config = _config(SandboxConfig, "", overrides, {"timeout_s": timeout, "memory_mb": memory_mb})
     try:
-        config = SandboxConfig(timeout_s=timeout, memory_mb=memory_mb)
-    except ValueError as e:
-        _fail(str(e))
-    try:
-        result = execute(sys.stdin.read(), config)
+        with open_sandbox(dataclasses.replace(config, prefork=0, workers=1)) as sandbox:
+            result = sandbox.run(sandbox.open_session(), sys.stdin.read())
     except SandboxError as e:
         _fail(f"sandbox failure: {e}")
     typer.echo(json.dumps(result.to_dict()))
@@ -116,16 +141,53 @@ def bench_sandbox(
 ) -> None:
     """Throughput of the isolated pool vs. a single in-process worker on realistic math batches."""
     import json
+    import os
 
     from autocode4math.bench import bench_sandbox as run_bench
-    from autocode4math.bench import print_sandbox_table
+    from autocode4math.bench import print_sandbox_table, sandbox_overheads
 
     if n < 1 or workers < 0:
         _fail(f"--n must be >= 1 and --workers >= 0, got --n {n} --workers {workers}")
+    load = os.getloadavg()[0]
     figures, layers = run_bench(n=n, workers=workers or None)
-    print_sandbox_table(figures, layers)
+    overheads = sandbox_overheads(n=min(n, 20))
+    print_sandbox_table(figures, layers, overheads)
+    after = os.getloadavg()[0]
+    typer.echo(f"machine: {os.cpu_count()} CPUs; 1-minute load average {load:.2f} before, {after:.2f} after")
+    figures["overheads"] = overheads
     if as_json:
         typer.echo(json.dumps(figures))
+
+
+@sandbox_app.command("serve")
+@_user_errors
+def sandbox_serve(
+    host: str = typer.Option("", help="Address to bind (default 127.0.0.1; the server has no authentication)."),
+    port: int | None = typer.Option(None, help="TCP port (default 8100; 0: any free port, printed at start)."),
+    workers: int | None = typer.Option(None, help="Pool workers (default: one per CPU)."),
+    config: str = typer.Option("", help="YAML file with ServeConfig fields (sandbox limits under `sandbox:`)."),
+    overrides: list[str] = typer.Option([], "--set", help="Dotted overrides, e.g. --set sandbox.timeout_s=5."),
+) -> None:
+    """Serve the sandbox over HTTP: SandboxFusion's /run_code plus stateful sessions (docs/sandbox.md)."""
+    import signal
+    import threading
+
+    from autocode4math.sandbox import SandboxError
+    from autocode4math.sandbox_service import ServeConfig, start_server, stop_server
+
+    cfg = _config(ServeConfig, config, overrides, {"host": host, "port": port, "sandbox.workers": workers})
+    try:
+        server, _thread = start_server(cfg)
+    except (OSError, SandboxError) as e:
+        _fail(f"cannot serve on {cfg.host}:{cfg.port}: {e}")
+    bound_host, bound_port = server.server_address[:2]
+    typer.echo(f"sandbox server listening on http://{bound_host}:{bound_port}")
+    typer.echo("isolation layers: " + ", ".join(server.service.pool.layers))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    stop_server(server)
 
 
 # --- benchmarks and grading (grade) ---
@@ -194,6 +256,9 @@ def eval_(
     benchmark_file: list[str] = typer.Option([], help="Extra benchmark file (.jsonl/.json/.parquet); repeatable."),
     limit: int | None = typer.Option(None, help="Only the first N questions of each benchmark."),
     backend: str = typer.Option("", help="hf (default), openai or vllm."),
+    question_field: str | None = QUESTION_FIELD,
+    answer_field: str | None = ANSWER_FIELD,
+    id_field: str | None = ID_FIELD,
     workers: int | None = typer.Option(None, help="Rollout engines; more than 1 runs them as Ray actors (fleet.*)."),
     config: str = typer.Option("", help="YAML file with EvalConfig fields."),
     overrides: list[str] = typer.Option([], "--set", help="Dotted overrides, e.g. --set max_new_tokens=1024."),
@@ -203,7 +268,7 @@ def eval_(
 
     given = {"model": model, "benchmarks": benchmarks, "modes": modes, "out": out, "backend": backend, "n": n}
     given |= {"temperature": temperature, "limit": limit, "benchmark_files": benchmark_file or None}
-    given |= {"fleet.workers": workers}
+    given |= _fields(question_field, answer_field, id_field) | {"fleet.workers": workers}
     if benchmark_file and not benchmarks:
         given["benchmarks"] = []  # only the given files, not the default benchmarks
     cfg = _config(EvalConfig, config, overrides, given)
@@ -273,7 +338,10 @@ def toy_pretrain(
         "base", help="base (from scratch, CoT-heavy) or sft (tool-integrated, code choice not tied to the family)."
     ),
     seed: int = typer.Option(0, help="Seeds corpus, initialisation and batch order."),
-    out_dir: str = typer.Option("", help="Output directory; default: the package's checkpoints/toy-<stage>."),
+    out_dir: str = typer.Option("", help="Output directory; default: runs/toy-<stage>."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace a checkpoint already in the output directory (a shipped one included)."
+    ),
     config: str = typer.Option("", help="YAML file with PretrainConfig fields (steps, lr, sft_code_digits, ...)."),
     overrides: list[str] = typer.Option(
         [], "--set", help="Dotted overrides, e.g. --set steps=500 --set model.num_layers=2."
@@ -283,7 +351,7 @@ def toy_pretrain(
     from autocode4math.toymodel import PretrainConfig, pretrain
 
     cfg = _config(PretrainConfig, config, overrides, {"stage": stage, "seed": seed, "out_dir": out_dir})
-    pretrain(cfg, log=lambda line: typer.echo(line))
+    pretrain(cfg, log=lambda line: typer.echo(line), overwrite=overwrite)
 
 
 # --- training (estep, mstep, train, demo) ---
@@ -297,19 +365,25 @@ def estep(
     out: str = typer.Option(..., help="Output directory: rollouts.jsonl, train.jsonl, audit.jsonl, summary.json."),
     split: str = typer.Option("train", help="Split of a named source (toy: train/dev/test)."),
     limit: int = typer.Option(0, help="Use only the first N queries (0: all)."),
+    question_field: str | None = QUESTION_FIELD,
+    answer_field: str | None = ANSWER_FIELD,
+    id_field: str | None = ID_FIELD,
     config: str = typer.Option("", help="YAML preset with EStepConfig fields."),
     overrides: list[str] = typer.Option([], "--set", help="Dotted overrides, e.g. --set k=8 --set alpha=2."),
 ) -> None:
     """E-step: K rollouts per code decision, Q, pi, s*, and the subsampled training set (resumable)."""
     import json
 
-    from autocode4math.benchmarks import load_problems
+    from autocode4math.benchmarks import FieldNames, load_problems
     from autocode4math.estep import EStepConfig, run_estep
+    from autocode4math.rollout import resolve_model
 
     if limit < 0:
         _fail(f"--limit must be >= 0 (0: all queries), got {limit}")
     cfg = _config(EStepConfig, config, overrides)
-    problems = load_problems(queries, split=split, limit=limit or None)
+    model = resolve_model(model, cfg.backend)
+    fields = FieldNames(question_field, answer_field, id_field)
+    problems = load_problems(queries, split=split, limit=limit or None, **fields.as_kwargs())
     summary = run_estep(model, problems, cfg, out)
     typer.echo(json.dumps(summary, indent=2))
 
@@ -325,20 +399,26 @@ def mstep(
 ) -> None:
     """M-step: clipped off-policy RL + decision cross-entropy; `accelerate launch -m autocode4math.cli mstep ...`."""
     from autocode4math.mstep import MStepConfig, run_mstep
+    from autocode4math.rollout import resolve_model
 
     cfg = _config(MStepConfig, config, overrides)
-    typer.echo(str(run_mstep(model, data, cfg, out)))
+    typer.echo(str(run_mstep(resolve_model(model), data, cfg, out)))
 
 
 @app.command("train")
 @_user_errors
 def train_cmd(
-    config: str = typer.Option("", help="YAML preset with TrainConfig fields (e.g. presets/toy-em.yaml)."),
+    config: str = typer.Option(
+        "", help="YAML preset with TrainConfig fields (e.g. src/autocode4math/presets/train/toy-em.yaml)."
+    ),
     method: str = typer.Option("", help="em (default), rl (on-policy RL, no E-step) or sft (fixed dataset)."),
     model: str = typer.Option("", help="Starting checkpoint: a directory, hub id, or toy-base / toy-sft."),
     queries: str = typer.Option("", help="Training queries (train split): toy, a file, or a HF dataset id."),
     out: str = typer.Option("", help="Run directory; running the same command again resumes it."),
     iterations: int | None = typer.Option(None, help="EM iterations (E-step, M-step, dev evaluation each)."),
+    question_field: str | None = QUESTION_FIELD,
+    answer_field: str | None = ANSWER_FIELD,
+    id_field: str | None = ID_FIELD,
     workers: int | None = typer.Option(
         None, help="Rollout engines (E-step, RL collection, dev evaluation); more than 1 runs them as Ray actors."
     ),
@@ -355,7 +435,7 @@ def train_cmd(
     from autocode4math.em import TrainConfig, train
 
     given = {"method": method, "model": model, "queries": queries, "out": out, "iterations": iterations}
-    given |= {"fleet.workers": workers, "launch.preset": launch}
+    given |= _fields(question_field, answer_field, id_field) | {"fleet.workers": workers, "launch.preset": launch}
     cfg = _config(TrainConfig, config, overrides, given)
     with _run_errors():
         rows = train(cfg)
@@ -481,3 +561,27 @@ def bench_fleet_cmd(
 
 if __name__ == "__main__":  # `accelerate launch -m autocode4math.cli mstep ...`
     app()
+
+
+@bench_app.command("async")
+def bench_async_cmd(
+    n: int = typer.Option(48, help="Trajectories (toy dev questions, auto mode)."),
+    max_active: int = typer.Option(16, help="Trajectories in flight (and the client's concurrency)."),
+    slots: int = typer.Option(16, help="Load-model server: requests served at once."),
+    decode_s: float = typer.Option(0.004, help="Load-model server: seconds per generated token."),
+    code_s: float = typer.Option(0.2, help="Seconds each scripted code block sleeps in the sandbox."),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable JSON object as the last line."),
+) -> None:
+    """Async trajectories vs rounds on the same requests through a server backend (a load-model server, not a GPU)."""
+    import json
+
+    from autocode4math.bench_async import AsyncBenchConfig, bench_async, print_async_table
+
+    try:
+        cfg = AsyncBenchConfig(n=n, max_active=max_active, slots=slots, decode_s=decode_s, code_s=code_s)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    result = bench_async(cfg)
+    print_async_table(result)
+    if as_json:
+        typer.echo(json.dumps(result))

@@ -32,6 +32,7 @@ from autocode4math.estep import EStepConfig
 from autocode4math.io import read_jsonl, write_json
 from autocode4math.mstep import MStepConfig
 from autocode4math.rollout import RolloutConfig
+from autocode4math.sandbox import SandboxConfig
 from autocode4math.seeds import (
     INTERVAL_METHOD,
     QUESTION_FIGURES,
@@ -88,6 +89,8 @@ class DemoConfig:
     """Toy source of the training queries and the dev and test questions: toy, or toy-mid (the mid family)."""
     base_model: str = "toy-base"
     """Checkpoint EM and Base+RL start from, also evaluated as `base` (the mid study: toy-mid-base)."""
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    """Where and under which limits model code runs (e.g. `--set sandbox.url=http://host:8100`)."""
 
     def __post_init__(self) -> None:
         unknown = set(self.methods) - set(LABELS)
@@ -130,6 +133,7 @@ def _train_config(config: DemoConfig, method: str) -> TrainConfig:
         iterations=config.iterations,
         out=str(Path(config.out) / method),
         rl_samples=2 * config.k,
+        sandbox=config.sandbox,
         estep=EStepConfig(
             k=config.k,
             per_query=config.per_query,
@@ -155,12 +159,14 @@ def _train_config(config: DemoConfig, method: str) -> TrainConfig:
     )
 
 
-def rl_epochs(config: DemoConfig) -> int:
-    """Epochs of the RL baselines' M-step, so that every method makes the same number of trajectory passes.
+def rl_epochs(config: DemoConfig) -> float:
+    """Epochs of the RL baselines' M-step: exactly EM's trajectory passes, at every size.
 
-    EM trains on `per_query` subsampled trajectories per query for `epochs`; RL on all its 2k rollouts.
+    EM trains `epochs` times over `per_query` subsampled trajectories per query, RL over all its 2k
+    rollouts per query, so RL runs epochs * per_query / 2k epochs (a fraction trains a last pass over
+    that share of its rollouts). Rounding this to whole epochs gave RL twice EM's passes at --full.
     """
-    return max(1, round(config.epochs * config.per_query / (2 * config.k)))
+    return config.epochs * min(config.per_query, 2 * config.k) / (2 * config.k)
 
 
 def evaluate(config: DemoConfig, model: str, source: str, out: Path, progress: bool) -> dict[str, Any]:
@@ -177,6 +183,7 @@ def evaluate(config: DemoConfig, model: str, source: str, out: Path, progress: b
         max_new_tokens=config.max_new_tokens,
         batch_size=config.batch_size,
         max_active=256,
+        sandbox=config.sandbox,
     )
     return flatten_metrics(run_eval(ev, progress=progress))
 

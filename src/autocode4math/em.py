@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from autocode4math.benchmarks import FieldNames
 from autocode4math.config import save_config
 from autocode4math.estep import (
     EStepConfig,
@@ -38,16 +39,17 @@ from autocode4math.estep import (
     decision_of,
     record_key,
     run_estep,
+    tokens_from_counts,
 )
 from autocode4math.fleet import FleetConfig, Rollouts, open_engines
 from autocode4math.io import JsonlAppender, read_done, read_json, read_jsonl, write_json, write_jsonl
 from autocode4math.launch import LaunchConfig, launch_mstep
 from autocode4math.mstep import MStepConfig, run_mstep
-from autocode4math.prompts import MODES
+from autocode4math.prompts import CODE_PREFIX, MODES
+from autocode4math.rollout import resolve_model
+from autocode4math.sandbox import SandboxConfig
 
 METHODS = ("em", "rl", "sft")
-CHECKPOINTS = Path(__file__).parent / "checkpoints"
-"""Shipped toy checkpoints, addressable by name (toy-base, toy-sft)."""
 
 
 @dataclass
@@ -67,6 +69,8 @@ class DevEval:
     def __post_init__(self) -> None:
         if self.every < 0:
             raise ValueError(f"every must be >= 0, got {self.every}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1 (None: all), got {self.limit}")
         if not self.modes or set(self.modes) - set(MODES):
             raise ValueError(f"modes must be a non-empty subset of {MODES}, got {self.modes}")
 
@@ -83,6 +87,8 @@ class TrainConfig:
     """Training queries: anything `load_problems` reads (its train split)."""
     queries_limit: int | None = None
     """Use only the first `queries_limit` queries (None: all)."""
+    fields: FieldNames = field(default_factory=FieldNames)
+    """Names of the question/answer/id fields in a queries file or Hub dataset (default: detected)."""
     iterations: int = 3
     out: str = "runs/train"
     """Run directory (resumed when it already exists)."""
@@ -99,16 +105,22 @@ class TrainConfig:
     """Where rollouts run (E-step, RL collection, dev evaluation): this process, or `--workers N` Ray actors."""
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     """How the M-step runs: in this process, or `--launch PRESET` under accelerate launch."""
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    """Where and under which limits model code runs, in every stage (e.g. `--set sandbox.url=http://host:8100`)."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {self.iterations}")
+        if self.queries_limit is not None and self.queries_limit < 1:
+            raise ValueError(f"queries_limit must be >= 1 (None: all), got {self.queries_limit}")
         if self.rl_samples < 2:
             raise ValueError("rl_samples must be >= 2 (the advantage is normalised within a query's group)")
         if self.sft_per_iteration < 1:
             raise ValueError(f"sft_per_iteration must be >= 1, got {self.sft_per_iteration}")
+        if self.estep.sandbox != SandboxConfig():
+            raise ValueError("set the run's sandbox with sandbox.* (it serves every stage), not estep.sandbox.*")
         if self.estep.backend == "openai" and not self.fleet.server:
             raise ValueError(
                 "training with backend openai needs fleet.server, a command that serves each iteration's policy "
@@ -116,15 +128,6 @@ class TrainConfig:
             )
         if self.fleet.server and self.estep.backend != "openai":
             raise ValueError("fleet.server starts an OpenAI-compatible server: set estep.backend=openai")
-
-
-def resolve_model(name: str) -> str:
-    """A directory as given; a shipped toy checkpoint by name; anything else is passed on (hub id)."""
-    if Path(name).exists():
-        return str(name)
-    if (CHECKPOINTS / name / "config.json").exists():
-        return str(CHECKPOINTS / name)
-    return name
 
 
 class RunState:
@@ -146,14 +149,14 @@ def train(config: TrainConfig, progress: bool = True) -> list[dict[str, Any]]:
     """Run (or resume) the loop; return the per-iteration metrics rows (also in metrics.jsonl)."""
     from autocode4math.benchmarks import load_problems
 
+    policy = resolve_model(config.model)  # a checkpoint the M-step trains, whatever serves its rollouts
+    problems = load_problems(config.queries, split="train", limit=config.queries_limit, **config.fields.as_kwargs())
     run = Path(config.out)
     run.mkdir(parents=True, exist_ok=True)
     save_config(config, run / "config.yaml")
     state = RunState(run)
-    problems = load_problems(config.queries, split="train", limit=config.queries_limit)
-    policy = resolve_model(config.model)
     spent = {"tokens": 0, "train_tokens": 0}
-    with open_engines(config.fleet, config.estep.backend, backend_options(config.estep)) as engines:
+    with open_engines(config.fleet, config.estep.backend, backend_options(config.estep), config.sandbox) as engines:
         rows = [_evaluate_stage(state, run / "iter-00" / "eval", engines.rollouts(policy), config, 0, spent, progress)]
         for it in range(1, config.iterations + 1):
             d = run / f"iter-{it:02d}"
@@ -214,12 +217,13 @@ def collect_on_policy(
     config: TrainConfig, rollouts: Rollouts, problems: list[Any], out: Path, it: int, progress: bool
 ) -> dict:
     """On-policy rollouts of the current policy in auto mode; every rollout is a training record."""
-    from autocode4math.rollout import make_requests
+    from autocode4math.rollout import RolloutStats, make_requests
 
     path = out / "rollouts.jsonl"
     done = {record_key(r): r for r in read_done(path)}
     requests = make_requests(problems, ["auto"], config.rl_samples, config.estep.prompt)
     todo = [r for r in requests if _request_key(r) not in done]
+    stats = RolloutStats()
     if todo:
         rollout = dataclasses.replace(config.estep.rollout, seed=config.estep.rollout.seed + it)
         with JsonlAppender(path) as sink:
@@ -228,7 +232,8 @@ def collect_on_policy(
                 sink.write(record)
                 done[record_key(record)] = record
 
-            rollouts.run(todo, rollout, on_record=keep, prompt_config=config.estep.prompt, progress=progress)
+            prompt = config.estep.prompt
+            rollouts.run(todo, rollout, on_record=keep, prompt_config=prompt, progress=progress, stats=stats)
     records = [done[_request_key(r)] for r in requests]
     code_prefix = config.estep.prompt.code_prefix
     adv = advantages(records, config.estep.adv_eps)
@@ -240,7 +245,8 @@ def collect_on_policy(
     data = out / "train.jsonl"
     write_jsonl(data, train)
     tokens = sum(int(r["n_generated_tokens"]) for r in records)
-    write_json(out / "summary.json", {"n_rollouts": len(records), "generated_tokens": tokens})
+    summary = {"n_rollouts": len(records), "generated_tokens": tokens, "tokens_from": tokens_from_counts(records)}
+    write_json(out / "summary.json", {**summary, "rollout": stats.to_dict() if stats.trajectories else None})
     return {"data": str(data), "tokens": tokens, "train_tokens": _train_tokens(data)}
 
 
@@ -251,52 +257,37 @@ def collect_sft(config: TrainConfig, policy: str, out: Path, it: int) -> dict:
         rows = list(read_jsonl(config.sft_data))
         chunk = [rows[((it - 1) * n + i) % len(rows)] for i in range(n)]
     else:
-        chunk = toy_sft_records(policy, it * n)[-n:]
+        chunk = toy_sft_records(policy, it * n, code_prefix=config.estep.prompt.code_prefix)[-n:]
     data = out / "train.jsonl"
     write_jsonl(data, chunk)
     return {"data": str(data), "tokens": 0, "train_tokens": _train_tokens(data)}
 
 
-def toy_sft_records(policy: str, n: int, seed: int = 1) -> list[dict[str, Any]]:
-    """The first `n` records of the toy world's fixed SFT set (code chosen at random, not by family)."""
+def toy_sft_records(policy: str, n: int, seed: int = 1, code_prefix: str = CODE_PREFIX) -> list[dict[str, Any]]:
+    """The first `n` records of the toy world's fixed SFT set, tokenized and masked as the engine records them."""
     from transformers import AutoTokenizer
 
-    from autocode4math.rollout.engine import encode, encode_prompt
+    from autocode4math.rollout.engine import encode, encode_prompt, response_tokens
     from autocode4math.toyworld import held_out_questions, sft_corpus
 
     tokenizer = AutoTokenizer.from_pretrained(policy)
     rows = []
     for i, demo in enumerate(sft_corpus(n, seed, exclude=held_out_questions())):
-        response_ids = encode(tokenizer, demo.response) + [tokenizer.eos_token_id]
-        rows.append(
-            {
-                "key": f"sft/{i}",
-                "prompt_ids": encode_prompt(tokenizer, demo.prompt),
-                "prefix_ids": encode(tokenizer, demo.prefix),
-                "response_ids": response_ids,
-                "response_mask": _tool_mask(tokenizer, demo.response, response_ids),
-                "advantage": 1.0,
-                "c": int("```python" in demo.response),
-                "correct": True,
-                "used_code": "```python" in demo.response,
-            }
-        )
+        response_ids, mask, _ = response_tokens(tokenizer, demo.response, tokenizer.eos_token_id)
+        row = {
+            "key": f"sft/{i}",
+            "prompt_ids": encode_prompt(tokenizer, demo.prompt),
+            "prefix": demo.prefix,
+            "prefix_ids": encode(tokenizer, demo.prefix),
+            "response": demo.response,
+            "response_ids": response_ids,
+            "response_mask": mask,
+            "advantage": 1.0,
+            "correct": True,
+            "used_code": "```python" in demo.response,
+        }
+        rows.append({**row, "c": decision_of(row, code_prefix)})
     return rows
-
-
-def _tool_mask(tokenizer: Any, response: str, response_ids: list[int]) -> list[int]:
-    """1 for every token outside ```output blocks, 0 inside them (tool text is never trained on)."""
-    from autocode4math.rollout.engine import encode
-
-    mask: list[int] = []
-    for i, piece in enumerate(response.split("```output")):
-        if i == 0:
-            mask += [1] * len(encode(tokenizer, piece))
-            continue
-        tool, _, rest = piece.partition("```\n")
-        mask += [0] * len(encode(tokenizer, "```output" + tool + "```\n")) + [1] * len(encode(tokenizer, rest))
-    mask += [1] * (len(response_ids) - len(mask))
-    return mask[: len(response_ids)]
 
 
 def _train_tokens(path: Path) -> int:
@@ -330,7 +321,9 @@ def _evaluate_stage(
             max_new_tokens=config.eval.max_new_tokens,
             batch_size=config.eval.batch_size,
             backend=config.estep.backend,
+            server=config.estep.server,
             prompt=config.estep.prompt,
+            sandbox=config.sandbox,
         )
         metrics = run_eval(ev, rollouts=rollouts, progress=progress)
         row = {"iteration": it, "method": config.method, "model": policy, **spent, **flatten_metrics(metrics)}

@@ -35,8 +35,11 @@ from pathlib import Path
 from typing import Any
 
 from autocode4math.io import JsonlAppender, read_done, write_json, write_jsonl
-from autocode4math.prompts import PromptConfig
+from autocode4math.prompts import CODE_PREFIX, PromptConfig
 from autocode4math.rollout.engine import RolloutConfig, RolloutRequest, encode
+from autocode4math.rollout.openai import ServerConfig
+from autocode4math.rollout.stats import RolloutStats
+from autocode4math.sandbox import SandboxConfig, open_sandbox
 
 MID_OFFSET = 10_000
 """Sample indices of mid-reasoning continuations start here, so their keys never clash with the rest."""
@@ -76,10 +79,14 @@ class EStepConfig:
     """Rollout backend when `model` is a path: hf, openai or vllm."""
     batch_size: int = 16
     """Generation batch size (hf backend)."""
+    server: ServerConfig = field(default_factory=ServerConfig)
+    """openai backend: server URLs, tokenizer, API key variable, concurrency, token ids, timeouts, retries."""
     rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(temperature=1.0, top_p=0.9))
     """Sampling of the rollouts (the paper: temperature 1.0, top-p 0.9)."""
     prompt: PromptConfig = field(default_factory=PromptConfig)
     """Prompt template and code prefix."""
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    """Where and under which limits model code runs (e.g. `--set sandbox.url=http://host:8100`, `sandbox.timeout_s`)."""
 
     def __post_init__(self) -> None:
         for name in ("k", "per_query", "n_auto", "mid_per_query", "mid_k", "mid_per_state", "batch_size"):
@@ -105,8 +112,14 @@ def _code_prefixed(record: dict[str, Any], code_prefix: str) -> bool:
 
 
 def decision_of(record: dict[str, Any], code_prefix: str) -> int:
-    """c of a trajectory: 1 if the code prefix was forced or code was executed, else 0."""
-    return int(_code_prefixed(record, code_prefix) or bool(record["used_code"]))
+    """The code decision c of a trajectory, the one definition of docs/method.md ("The code decision c").
+
+    c = 1 when the code prefix stands at the trajectory's decision point, forced or written by the model
+    as its first words, or when it executed code; else 0. The prefix decides, not what follows it: a
+    prefixed trajectory that then runs no code took c = 1 and declined code afterwards.
+    """
+    written = record["response"].lstrip().startswith(code_prefix.strip())
+    return int(_code_prefixed(record, code_prefix) or written or bool(record["used_code"]))
 
 
 def state_of(record: dict[str, Any]) -> str:
@@ -127,13 +140,18 @@ def q_values(records: Sequence[dict[str, Any]], code_prefix: str) -> dict[str, d
     return {qid: {c: (ok / n if n else None) for c, (ok, n) in enumerate(cells)} for qid, cells in counts.items()}
 
 
-def code_prior(records: Sequence[dict[str, Any]], prior: float = 1.0) -> dict[str, float]:
-    """pi(c=1|x) per state from its auto-mode rollouts (no code prefix forced; a mid-reasoning one continues its
-    partial solution), Beta(prior, prior) smoothed."""
+def code_prior(
+    records: Sequence[dict[str, Any]], prior: float = 1.0, code_prefix: str = CODE_PREFIX
+) -> dict[str, float]:
+    """pi(c=1|x) per state (`state_of`) from its auto-mode rollouts without a forced code prefix (a mid-reasoning
+    one continues its partial solution), Beta(prior, prior) smoothed.
+
+    A rollout counts as c=1 by `decision_of`: it wrote the code prefix itself or executed code.
+    """
     counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for r in records:
-        if r["mode"] == "auto":
-            counts[state_of(r)][0] += int(bool(r["used_code"]))
+        if r["mode"] == "auto" and r["prefix"] == r.get("partial", ""):
+            counts[state_of(r)][0] += decision_of(r, code_prefix)
             counts[state_of(r)][1] += 1
     out = {}
     for qid, (k, n) in counts.items():
@@ -197,7 +215,7 @@ def subsample(
     Training records are the rollout records plus `c`, `advantage` and `key`.
     """
     code_prefix = config.prompt.code_prefix
-    q, pi = q_values(records, code_prefix), code_prior(records, config.pi_prior)
+    q, pi = q_values(records, code_prefix), code_prior(records, config.pi_prior, code_prefix)
     adv = advantages(records, config.adv_eps)
     by_state: dict[str, list[int]] = defaultdict(list)
     for i, r in enumerate(records):
@@ -236,7 +254,8 @@ def add_decision_tokens(record: dict[str, Any], tokenizer: Any, code_prefix_text
 
     `decision_context_ids` are the prompt plus any partial solution (mid-reasoning); `decision_ids` are
     the code-prefix tokens whose probability is pi_theta(c=1|x). They are empty (no decision term)
-    for a c=1 trajectory that wrote code without the prefix: its choice lies in its own tokens.
+    for a c=1 trajectory whose prefix was not forced (it wrote the prefix, or code, itself): its choice
+    lies in its own tokens, which the policy term trains; a decision term on them could only repeat it.
     """
     forced = _code_prefixed(record, code_prefix)
     if record["c"] == 1 and not forced:
@@ -276,7 +295,8 @@ def mid_requests(
     code_text = config.prompt.code_prefix + "\n"
     sources: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
-        if r["mode"] == "auto" and not r["prefix"] and not r["used_code"] and r["finish_reason"] == "answer":
+        c = decision_of(r, config.prompt.code_prefix)
+        if r["mode"] == "auto" and not r["prefix"] and not c and r["finish_reason"] == "answer":
             sources[str(r["id"])].append(r)
     requests, partials = [], {}
     for qid in sorted(sources):
@@ -310,7 +330,7 @@ def _key_of(record: dict[str, Any]) -> tuple:
     return (str(record["benchmark"]), record["mode"], str(record["id"]), record["sample"])
 
 
-def _run_missing(rollouts, requests, config, path: Path, partials, progress: bool) -> list[dict[str, Any]]:
+def _run_missing(rollouts, requests, config, path: Path, partials, progress: bool, stats) -> list[dict[str, Any]]:
     """Run the requests whose records are not yet in `path`; return all records of `requests`."""
     done = {_key_of(r): r for r in read_done(path)}
     todo = [r for r in requests if r.key() not in done]
@@ -323,13 +343,16 @@ def _run_missing(rollouts, requests, config, path: Path, partials, progress: boo
                 out.write(record)
                 done[_key_of(record)] = record
 
-            rollouts.run(todo, config.rollout, on_record=keep, prompt_config=config.prompt, progress=progress)
+            rollouts.run(todo, config.rollout, on_record=keep, prompt_config=config.prompt, progress=progress,
+                         stats=stats)  # fmt: skip
     return [done[r.key()] for r in requests if r.key() in done]
 
 
 def backend_options(config: EStepConfig) -> dict[str, Any]:
     """Keyword arguments of `rollout.make_backend` for the E-step's backend."""
-    return {"batch_size": config.batch_size} if config.backend == "hf" else {}
+    from autocode4math.rollout import backend_kwargs
+
+    return backend_kwargs(config.backend, batch_size=config.batch_size, server=config.server)
 
 
 def run_estep(
@@ -359,13 +382,20 @@ def run_estep(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "estep_config.yaml")
-    rollouts = as_rollouts(model, config.backend, backend_options(config), sandbox, grader)
-    path = out / "rollouts.jsonl"
-    records = _run_missing(rollouts, main_requests(problems, config), config, path, {}, progress)
-    if config.mid_reasoning:
-        by_id = {str(p.id): p for p in problems}
-        reqs, partials = mid_requests(records, by_id, config)
-        records += _run_missing(rollouts, reqs, config, path, partials, progress)
+    own_sandbox = sandbox is None and not (hasattr(model, "run") and hasattr(model, "tokenizer"))
+    sandbox = open_sandbox(config.sandbox) if own_sandbox else sandbox
+    try:
+        rollouts = as_rollouts(model, config.backend, backend_options(config), sandbox, grader)
+        path = out / "rollouts.jsonl"
+        stats = RolloutStats()
+        records = _run_missing(rollouts, main_requests(problems, config), config, path, {}, progress, stats)
+        if config.mid_reasoning:
+            by_id = {str(p.id): p for p in problems}
+            reqs, partials = mid_requests(records, by_id, config)
+            records += _run_missing(rollouts, reqs, config, path, partials, progress, stats)
+    finally:
+        if own_sandbox:
+            sandbox.close()
     train, audit = subsample(records, config)
     code_text = config.prompt.code_prefix + "\n"
     for row in train:
@@ -373,7 +403,7 @@ def run_estep(
         add_anchor_tokens(row, rollouts.tokenizer, config.prompt)
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "audit.jsonl", audit)
-    summary = _summary(records, train)
+    summary = {**_summary(records, train), "rollout": stats.to_dict() if stats.trajectories else None}
     write_json(out / "summary.json", summary)
     return summary
 
@@ -391,7 +421,16 @@ def _summary(records: Sequence[dict[str, Any]], train: Sequence[dict[str, Any]])
         "train_code_rate": rate(train, "used_code"),
         "train_c1_share": sum(r["c"] for r in train) / len(train) if train else None,
         "generated_tokens": sum(int(r["n_generated_tokens"]) for r in records),
+        "tokens_from": tokens_from_counts(records),
     }
+
+
+def tokens_from_counts(records: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """How many records hold the model's own tokens (model, server) and how many re-tokenized text (local)."""
+    counts: dict[str, int] = defaultdict(int)
+    for r in records:
+        counts[str(r.get("tokens_from", "unrecorded"))] += 1
+    return dict(sorted(counts.items()))
 
 
 __all__ = [
@@ -408,4 +447,5 @@ __all__ = [
     "reference_strategy",
     "run_estep",
     "subsample",
+    "tokens_from_counts",
 ]

@@ -33,11 +33,22 @@ from autocode4math.analysis import (
     plot_benchmark,
     plot_pareto,
 )
+from autocode4math.benchmarks import FieldNames
 from autocode4math.config import save_config, to_dict
 from autocode4math.fleet import FleetConfig, as_rollouts, open_engines
-from autocode4math.io import JsonlAppender, read_done, write_json
+from autocode4math.io import DataError, JsonlAppender, read_done, write_json
 from autocode4math.prompts import MODES, PromptConfig
-from autocode4math.rollout import BACKENDS, RolloutConfig, RolloutRequest, make_requests
+from autocode4math.rollout import (
+    BACKENDS,
+    RolloutConfig,
+    RolloutRequest,
+    RolloutStats,
+    ServerConfig,
+    backend_kwargs,
+    make_requests,
+    resolve_model,
+)
+from autocode4math.sandbox import SandboxConfig
 
 PAPER_SAMPLING = {"aime24": (64, 0.6), "amc23": (64, 0.6)}
 """(n, temperature) the paper uses per benchmark; every other benchmark is greedy with n=1."""
@@ -58,6 +69,8 @@ class EvalConfig:
     """Shipped benchmark names or anything `load_problems` reads (toy, a file, a HF dataset id)."""
     benchmark_files: list[str] = field(default_factory=list)
     """Extra benchmark files (.jsonl/.json/.parquet); the loader names the benchmark."""
+    fields: FieldNames = field(default_factory=FieldNames)
+    """Names of the question/answer/id fields in benchmark files and Hub datasets (default: detected)."""
     modes: list[str] = field(default_factory=lambda: list(MODES))
     """Modes to run: auto, cot, code. Union and selection accuracy need all three."""
     n: int | None = None
@@ -80,15 +93,15 @@ class EvalConfig:
     """hf backend: rows per generate call."""
     max_active: int = 64
     """Trajectories in flight at once."""
-    base_url: str = "http://127.0.0.1:8000/v1"
-    """openai backend: the server's /v1 URL."""
-    concurrency: int = 16
-    """openai backend: requests in flight."""
+    server: ServerConfig = field(default_factory=ServerConfig)
+    """openai backend: server URLs, tokenizer, API key variable, concurrency, token ids, timeouts, retries."""
     group_by: list[str] = field(default_factory=lambda: ["family", "subject", "level"])
     """Problem meta keys to break the analysis down by, where a benchmark has them (toy family, MATH subject)."""
     prompt: PromptConfig = field(default_factory=PromptConfig)
     fleet: FleetConfig = field(default_factory=FleetConfig)
     """Where the rollouts run: this process (workers=1) or a Ray fleet (`--workers N`, fleet.address)."""
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    """Where and under which limits model code runs (e.g. `--set sandbox.url=http://host:8100`, `sandbox.timeout_s`)."""
 
     def __post_init__(self) -> None:
         self.group_by, self.benchmarks, self.modes = map(_comma_list, (self.group_by, self.benchmarks, self.modes))
@@ -118,31 +131,25 @@ def _load(config: EvalConfig) -> dict[str, list[Any]]:
 
     groups: dict[str, list[Any]] = {}
     for source in [*config.benchmarks, *config.benchmark_files]:
-        problems = load_problems(source, limit=config.limit)
+        problems = load_problems(source, limit=config.limit, **config.fields.as_kwargs())
         if not problems:
-            raise ValueError(f"benchmark {source!r} has no problems")
+            raise DataError(f"benchmark {source!r} has no problems")
         groups.setdefault(problems[0].benchmark, []).extend(problems)
     return groups
 
 
 def backend_options(config: EvalConfig) -> dict[str, Any]:
     """Keyword arguments of `rollout.make_backend` for the evaluation's backend."""
-    if config.backend == "hf":
-        return {"batch_size": config.batch_size}
-    if config.backend == "openai":
-        return {"base_url": config.base_url, "concurrency": config.concurrency}
-    return {}
+    return backend_kwargs(config.backend, batch_size=config.batch_size, server=config.server)
 
 
 @contextmanager
 def _rollouts(config: EvalConfig, backend: Any, sandbox: Any, rollouts: Any) -> Iterator[Any]:
     """The rollouts given, a given backend (and sandbox) run here, or the engines `config.fleet` describes."""
-    if not config.model and rollouts is None and backend is None:
-        raise ValueError("EvalConfig.model is empty: give --model PATH_OR_ID")
     if rollouts is not None or backend is not None or sandbox is not None:
         yield rollouts or as_rollouts(backend or config.model, config.backend, backend_options(config), sandbox)
         return
-    with open_engines(config.fleet, config.backend, backend_options(config)) as engines:
+    with open_engines(config.fleet, config.backend, backend_options(config), config.sandbox) as engines:
         yield engines.rollouts(config.model)
 
 
@@ -154,11 +161,11 @@ RESUMABLE_CHANGES = (
     "out",
     "batch_size",
     "max_active",
-    "concurrency",
-    "base_url",
+    "server",
     "backend",
     "group_by",
     "fleet",
+    "sandbox",
 )
 """Fields that may differ when resuming; any other change would mix samples of two settings."""
 
@@ -188,13 +195,16 @@ def run_eval(
     """Run (or resume) the evaluation; write samples, metrics, report and plots; return the metrics.
 
     Trajectories run on `rollouts` when given (e.g. a training run's fleet), else on `backend` (and
-    `sandbox`) in this process, else on the engines `config.fleet` describes.
+    `sandbox`) in this process, else on the engines `config.fleet` describes. The model (when this
+    function loads it) and the benchmarks are checked before anything is written.
     """
+    if backend is None and rollouts is None:
+        config = dataclasses.replace(config, model=resolve_model(config.model, config.backend))
+    groups = _load(config)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     _check_resume(config, out)
     save_config(config, out / "config.yaml")
-    groups = _load(config)
     samples = out / "samples.jsonl"
     done = {_key(r) for r in read_done(samples)}
     plan: list[tuple[str, RolloutConfig, list[RolloutRequest]]] = []
@@ -212,14 +222,17 @@ def run_eval(
             max_active=config.max_active,
         )
         plan.append((bench, rollout, [r for r in requests if r.key() not in done]))
+    stats = RolloutStats()
     if any(todo for _, _, todo in plan):
         with _rollouts(config, backend, sandbox, rollouts) as runner, JsonlAppender(samples) as appender:
             for _, rollout, todo in plan:
                 if todo:
-                    runner.run(todo, rollout, on_record=appender.write, prompt_config=config.prompt, progress=progress)
+                    runner.run(todo, rollout, on_record=appender.write, prompt_config=config.prompt, progress=progress,
+                               stats=stats)  # fmt: skip
     records = [r for r in read_done(samples) if _key(r) in wanted]
     labels = group_labels(groups, config.group_by)
-    return write_outputs(records, config, out, {b: sampling_for(b, config) for b in groups}, labels)
+    sampling = {b: sampling_for(b, config) for b in groups}
+    return write_outputs(records, config, out, sampling, labels, stats if stats.trajectories else None)
 
 
 def group_labels(groups: dict[str, list[Any]], keys: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -238,9 +251,13 @@ def write_outputs(
     out: Path,
     sampling: dict[str, tuple[int, float]],
     labels: dict[str, dict[str, dict[str, Any]]] | None = None,
+    rollout: RolloutStats | None = None,
 ) -> dict[str, Any]:
-    """metrics.json, report.md, two PNGs per benchmark, and the table on the terminal."""
-    benchmarks = all_metrics(records)
+    """metrics.json, report.md, two PNGs per benchmark, and the table on the terminal.
+
+    `rollout`: what this run's generation measured (schedule, backend occupancy); None when nothing was generated.
+    """
+    benchmarks = all_metrics(records, config.prompt.code_prefix)
     cost = {bench: cost_points({config.model: m}) for bench, m in benchmarks.items()}
     metrics = {
         "model": config.model,
@@ -248,10 +265,14 @@ def write_outputs(
         "sampling": {b: {"n": n, "temperature": t} for b, (n, t) in sampling.items()},
         "benchmarks": benchmarks,
         "breakdown": {
-            bench: {key: breakdown([r for r in records if r["benchmark"] == bench], ids) for key, ids in by_key.items()}
+            bench: {
+                key: breakdown([r for r in records if r["benchmark"] == bench], ids, config.prompt.code_prefix)
+                for key, ids in by_key.items()
+            }
             for bench, by_key in (labels or {}).items()
         },
         "cost": cost,
+        "rollout": rollout.to_dict() if rollout is not None else None,
     }
     write_json(out / "metrics.json", metrics)
     for bench, m in benchmarks.items():
@@ -315,6 +336,8 @@ def render_report(metrics: dict[str, Any]) -> str:
             lines += [*cost_table(metrics["cost"][bench], f"plots/{bench}_cost.png"), ""]
         for key, table in metrics.get("breakdown", {}).get(bench, {}).items():
             lines += [f"### {bench} by {key}", "", *breakdown_table(table), ""]
+    if metrics.get("rollout"):
+        lines += ["## Generation (this run)", "", RolloutStats(**metrics["rollout"]).summary() + ".", ""]
     lines += [
         "## Definitions",
         "",
@@ -324,6 +347,8 @@ def render_report(metrics: dict[str, Any]) -> str:
         " blocks whose status is not ok; tokens: mean model-generated tokens (tool output excluded).",
         "- Per question (/ q): the mean over samples, i.e. the cost of answering a question once. Pareto front:"
         " no other mode or model is at least as accurate for at most the same tokens (or code calls).",
+        "- Backend occupancy: time-weighted mean of generation requests in flight, over the trajectories allowed in"
+        " flight (max_active).",
         "- Union bound: mean over questions of max(cot solve rate, code solve rate).",
         "- Selection accuracy: over auto samples of questions where cot and code solve rates differ, the share"
         " whose use of code matches the better mode; tied questions are excluded.",
@@ -373,6 +398,8 @@ def print_table(metrics: dict[str, Any]) -> None:
             for cells in _breakdown_rows(groups):
                 sub.add_row(*cells)
             console.print(sub)
+    if metrics.get("rollout"):
+        console.print("generation: " + RolloutStats(**metrics["rollout"]).summary())
 
 
 def replace(config: EvalConfig, **changes: Any) -> EvalConfig:
