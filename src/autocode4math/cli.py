@@ -33,6 +33,17 @@ def _config(cls: type, path: str, overrides: list[str]):
         raise typer.BadParameter(str(e)) from None
 
 
+def _resuming(entry, *args, **kwargs):
+    """Call a resumable entry point; a refused resume (results made with other settings) is a usage error."""
+    from autocode4math.fingerprint import ResumeError
+
+    try:
+        return entry(*args, **kwargs)
+    except ResumeError as e:
+        typer.echo(f"Error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
 @app.command()
 def version() -> None:
     """Print the package version."""
@@ -138,6 +149,11 @@ def eval_(
     backend: str = typer.Option("", help="hf (default), openai or vllm."),
     config: str = typer.Option("", help="YAML file with EvalConfig fields."),
     overrides: list[str] = typer.Option([], "--set", help="Dotted overrides, e.g. --set max_new_tokens=1024."),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Discard results in --out made with other settings and redo them (matching ones stay).",
+    ),
 ) -> None:
     """Evaluate a model in auto/cot/code modes: per-sample JSONL, metrics.json, report.md, plots."""
     from autocode4math.config import ConfigError, load_config
@@ -158,7 +174,7 @@ def eval_(
         )
     except (ConfigError, OSError, ValueError) as e:
         raise typer.BadParameter(str(e)) from None
-    run_eval(cfg)
+    _resuming(run_eval, cfg, overwrite=overwrite)
 
 
 # --- toy world (toy ...) ---
@@ -226,6 +242,11 @@ def estep(
     limit: int = typer.Option(0, help="Use only the first N queries (0: all)."),
     config: str = typer.Option("", help="YAML preset with EStepConfig fields."),
     overrides: list[str] = typer.Option([], "--set", help="Dotted overrides, e.g. --set k=8 --set alpha=2."),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Discard results in --out made with other settings and redo them (matching ones stay).",
+    ),
 ) -> None:
     """E-step: K rollouts per code decision, Q, pi, s*, and the subsampled training set (resumable)."""
     import json
@@ -239,7 +260,7 @@ def estep(
         problems = load_problems(queries, split=split, limit=limit or None)
     except (ConfigError, OSError, ValueError) as e:
         raise typer.BadParameter(str(e)) from None
-    summary = run_estep(model, problems, cfg, out)
+    summary = _resuming(run_estep, model, problems, cfg, out, overwrite=overwrite)
     typer.echo(json.dumps(summary, indent=2))
 
 
@@ -250,12 +271,17 @@ def mstep(
     out: str = typer.Option(..., help="Output directory: model/, metrics.jsonl, tb/, state/ (resumable)."),
     config: str = typer.Option("", help="YAML preset with MStepConfig fields."),
     overrides: list[str] = typer.Option([], "--set", help="Dotted overrides, e.g. --set lr=1e-5 --set lora_r=16."),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Discard results in --out made with other settings and redo them (matching ones stay).",
+    ),
 ) -> None:
     """M-step: clipped off-policy RL + decision cross-entropy; `accelerate launch -m autocode4math.cli mstep ...`."""
     from autocode4math.mstep import MStepConfig, run_mstep
 
     cfg = _config(MStepConfig, config, overrides)
-    typer.echo(str(run_mstep(model, data, cfg, out)))
+    typer.echo(str(_resuming(run_mstep, model, data, cfg, out, overwrite=overwrite)))
 
 
 @app.command("train")
@@ -269,6 +295,11 @@ def train_cmd(
     overrides: list[str] = typer.Option(
         [], "--set", help="Dotted overrides, e.g. --set estep.k=8 --set mstep.lr=1e-5."
     ),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Discard results in --out made with other settings and redo them (matching ones stay).",
+    ),
 ) -> None:
     """The EM loop (or a baseline): collect data, update the policy, evaluate on dev; resumable by stage."""
     from autocode4math.em import TrainConfig, train
@@ -276,7 +307,7 @@ def train_cmd(
     given = {"method": method, "model": model, "queries": queries, "out": out, "iterations": iterations}
     extra = [f"{k}={v}" for k, v in given.items() if v not in ("", None)]
     cfg = _config(TrainConfig, config, [*overrides, *extra])
-    rows = train(cfg)
+    rows = _resuming(train, cfg, overwrite=overwrite)
     last = rows[-1] if rows else {}
     typer.echo(f"done: {cfg.out} (final dev auto accuracy {last.get('auto_accuracy')})")
 
@@ -286,6 +317,11 @@ def demo_cmd(
     full: bool = typer.Option(False, "--full", help="The longer study (more queries, iterations and rollouts)."),
     out: str = typer.Option("", help="Run directory (default runs/demo, or runs/demo-full); reruns resume."),
     overrides: list[str] = typer.Option([], "--set", help="Dotted DemoConfig overrides, e.g. --set iterations=3."),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Discard results in --out made with other settings and redo them (matching ones stay).",
+    ),
 ) -> None:
     """The toy study: EM vs Base+RL, SFT, SFT+RL from the shipped checkpoints; report.md, metrics.json, plots."""
     from autocode4math.config import ConfigError, from_dict, parse_overrides, to_dict
@@ -296,7 +332,7 @@ def demo_cmd(
         cfg = from_dict(DemoConfig, {**to_dict(base), **parse_overrides(overrides), **({"out": out} if out else {})})
     except ConfigError as e:
         raise typer.BadParameter(str(e)) from None
-    metrics = run_demo(cfg)
+    metrics = _resuming(run_demo, cfg, overwrite=overwrite)
     typer.echo(f"report: {cfg.out}/report.md ({metrics['seconds']:.0f} s)")
     for name, t in metrics["targets"].items():
         typer.echo(f"  {name}: {'met' if t['met'] else 'NOT met'}")

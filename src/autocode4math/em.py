@@ -10,6 +10,9 @@ Each iteration has three stages, each writing to its own directory under the run
 `state.json` in the run directory lists the finished stages. Running the same command again skips
 them and resumes the stage in progress: the E-step and the evaluation append their rollouts line by
 line and only generate what is missing; the M-step restarts from its last training-state checkpoint.
+Each stage directory records the fingerprint of what determines its output (`stage_plan`), and a
+rerun whose settings, queries or starting model differ refuses before anything runs (or, with
+`overwrite`, discards the stages that differ): a resumed run is the run its config.yaml describes.
 `metrics.jsonl` holds one row per evaluated iteration, with the cumulative number of *generated*
 tokens spent on training data (the rollout budget every method is compared under).
 
@@ -30,9 +33,14 @@ from pathlib import Path
 from typing import Any
 
 from autocode4math.config import save_config
+from autocode4math.estep import NOT_IN_FINGERPRINT as ESTEP_NEUTRAL
+from autocode4math.estep import OUTPUTS as COLLECT_OUTPUTS
 from autocode4math.estep import EStepConfig, add_decision_tokens, advantages, decision_of, record_key, run_estep
+from autocode4math.evaluate import OUTPUTS as EVAL_OUTPUTS
+from autocode4math.fingerprint import Stage, file_digest, guard, mismatch, model_identity, problems_digest, settings_of
 from autocode4math.io import JsonlAppender, read_done, read_json, read_jsonl, write_json, write_jsonl
-from autocode4math.mstep import MStepConfig, run_mstep
+from autocode4math.mstep import NOT_IN_FINGERPRINT as MSTEP_NEUTRAL
+from autocode4math.mstep import MStepConfig, mstep_stage, run_mstep
 
 METHODS = ("em", "rl", "sft")
 CHECKPOINTS = Path(__file__).parent / "checkpoints"
@@ -117,38 +125,114 @@ class RunState:
         self.done[stage] = result
         write_json(self.path, self.done)
 
+    def forget(self, stage: str) -> None:
+        if self.done.pop(stage, None) is not None:
+            write_json(self.path, self.done)
 
-def train(config: TrainConfig, progress: bool = True) -> list[dict[str, Any]]:
-    """Run (or resume) the loop; return the per-iteration metrics rows (also in metrics.jsonl)."""
+
+def train(config: TrainConfig, progress: bool = True, overwrite: bool = False) -> list[dict[str, Any]]:
+    """Run (or resume) the loop; return the per-iteration metrics rows (also in metrics.jsonl).
+
+    Before anything runs, every stage's recorded fingerprint is checked against this config
+    (`stage_plan`): results made under other settings raise ResumeError naming them, or with
+    `overwrite` are discarded and redone (matching stages are kept). Only then is config.yaml written.
+    """
     from autocode4math.benchmarks import load_problems
 
     run = Path(config.out)
-    run.mkdir(parents=True, exist_ok=True)
-    save_config(config, run / "config.yaml")
-    state = RunState(run)
     problems = load_problems(config.queries, split="train", limit=config.queries_limit)
+    plan = stage_plan(config, run, problems)
+    state = RunState(run)
+    for key, stage in plan.items():
+        if overwrite and mismatch(stage) is not None:
+            state.forget(key)  # first, so a kill now leaves the stage to be redone
+        guard(stage, overwrite)
+    save_config(config, run / "config.yaml")
     policy = resolve_model(config.model)
-    rows = [_evaluate_stage(state, run / "iter-00" / "eval", policy, config, 0, {"tokens": 0}, progress)]
+    rows = []
+    if "0/eval" in plan:
+        rows.append(_evaluate_stage(state, plan["0/eval"], policy, config, 0, {"tokens": 0}, progress))
     spent = {"tokens": 0, "train_tokens": 0}
     for it in range(1, config.iterations + 1):
-        d = run / f"iter-{it:02d}"
         collected = state.get(f"{it}/collect")
         if collected is None:
-            collected = collect(config, policy, problems, d / "collect", it, progress)
+            collected = collect(config, policy, problems, plan[f"{it}/collect"], it, progress)
             state.finish(f"{it}/collect", collected)
         spent = {k: spent[k] + collected[k] for k in spent}
-        mstep_config = _mstep_config(config, it)
         model = state.get(f"{it}/mstep")
         if model is None:
-            model = str(run_mstep(policy, collected["data"], mstep_config, d / "mstep", progress=progress))
+            stage, mstep_config = plan[f"{it}/mstep"], _mstep_config(config, it)
+            trained = run_mstep(
+                policy, collected["data"], mstep_config, stage.directory, progress=progress, fingerprint=stage.settings
+            )
+            model = str(trained)
             state.finish(f"{it}/mstep", model)
         policy = model
-        last = it == config.iterations
-        if config.eval.every and (it % config.eval.every == 0 or last):
-            rows.append(_evaluate_stage(state, d / "eval", policy, config, it, spent, progress))
-    write_jsonl(run / "metrics.jsonl", [r for r in rows if r is not None])
+        if f"{it}/eval" in plan:
+            rows.append(_evaluate_stage(state, plan[f"{it}/eval"], policy, config, it, spent, progress))
+    write_jsonl(run / "metrics.jsonl", rows)
     write_json(run / "final.json", {"model": policy, "iterations": config.iterations, **spent})
-    return [r for r in rows if r is not None]
+    return rows
+
+
+def stage_plan(config: TrainConfig, run: Path, problems: list[Any]) -> dict[str, Stage]:
+    """Every stage of the run ("0/eval", "1/collect", "1/mstep", "1/eval", ...) with its fingerprint.
+
+    Settings are named as in TrainConfig (`estep.k`, `mstep.lr`), so a refusal names what to `--set`.
+    The model a stage starts from is the starting checkpoint by content, then `iter-NN/mstep#digest`:
+    the fingerprint of the M-step that produced it, which covers its data and its own starting model.
+    """
+    model = model_identity(resolve_model(config.model))
+    queries = problems_digest(problems)
+    plan = {"0/eval": _eval_stage(config, run / "iter-00" / "eval", model)} if config.eval.every else {}
+    for it in range(1, config.iterations + 1):
+        d = run / f"iter-{it:02d}"
+        collect = Stage(
+            d / "collect",
+            f"{config.method} collection",
+            {"method": config.method, "iteration": it, **_collect_settings(config), "queries": queries, "model": model},
+            COLLECT_OUTPUTS,
+        )
+        mstep = mstep_stage(
+            d / "mstep",
+            {
+                "method": config.method,
+                "iteration": it,
+                **settings_of(config.mstep, "mstep.", MSTEP_NEUTRAL),
+                "model": model,
+                "data": f"iter-{it:02d}/collect#{collect.digest}",
+            },
+        )
+        plan[f"{it}/collect"], plan[f"{it}/mstep"] = collect, mstep
+        model = f"iter-{it:02d}/mstep#{mstep.digest}"
+        if config.eval.every and (it % config.eval.every == 0 or it == config.iterations):
+            plan[f"{it}/eval"] = _eval_stage(config, d / "eval", model)
+    return plan
+
+
+RL_USES = ("rollout", "prompt", "backend", "adv_eps")
+"""EStepConfig fields the rl method's collection uses."""
+
+
+def _collect_settings(config: TrainConfig) -> dict[str, Any]:
+    """The settings a method's data collection depends on (besides iteration, queries and model)."""
+    if config.method == "em":
+        return settings_of(config.estep, "estep.", ESTEP_NEUTRAL)
+    if config.method == "rl":
+        unused = [f.name for f in dataclasses.fields(EStepConfig) if f.name not in RL_USES]
+        return {"rl_samples": config.rl_samples, **settings_of(config.estep, "estep.", [*unused, *ESTEP_NEUTRAL])}
+    data = file_digest(config.sft_data) if config.sft_data else "toy sft corpus"
+    return {"sft_data": data, "sft_per_iteration": config.sft_per_iteration}
+
+
+def _eval_stage(config: TrainConfig, directory: Path, model: str) -> Stage:
+    settings = {
+        **settings_of(config.eval, "eval.", ("batch_size", "every")),
+        "estep.backend": config.estep.backend,
+        **settings_of(config.estep.prompt, "estep.prompt."),
+        "model": model,
+    }
+    return Stage(directory, "evaluation", settings, EVAL_OUTPUTS)
 
 
 def _mstep_config(config: TrainConfig, iteration: int) -> MStepConfig:
@@ -161,12 +245,13 @@ def _mstep_config(config: TrainConfig, iteration: int) -> MStepConfig:
     return dataclasses.replace(config.mstep, **changes)
 
 
-def collect(config: TrainConfig, policy: str, problems: list[Any], out: Path, it: int, progress: bool) -> dict:
+def collect(config: TrainConfig, policy: str, problems: list[Any], stage: Stage, it: int, progress: bool) -> dict:
     """Build one iteration's training data; return {data: path, tokens: generated, train_tokens: trained}."""
+    out = stage.directory
     out.mkdir(parents=True, exist_ok=True)
     if config.method == "em":
         estep = dataclasses.replace(config.estep, seed=config.estep.seed + it)
-        summary = run_estep(policy, problems, estep, out, progress=progress)
+        summary = run_estep(policy, problems, estep, out, progress=progress, fingerprint=stage.settings)
         data = out / "train.jsonl"
         return {"data": str(data), "tokens": summary["generated_tokens"], "train_tokens": _train_tokens(data)}
     if config.method == "rl":
@@ -278,13 +363,12 @@ def _backend_options(config: TrainConfig) -> dict[str, Any]:
 
 
 def _evaluate_stage(
-    state: RunState, out: Path, policy: str, config: TrainConfig, it: int, spent: dict, progress: bool
-) -> dict[str, Any] | None:
+    state: RunState, stage: Stage, policy: str, config: TrainConfig, it: int, spent: dict, progress: bool
+) -> dict[str, Any]:
     """Evaluate `policy` on the dev set (resumable) and return this iteration's metrics row."""
     from autocode4math.evaluate import EvalConfig, run_eval
 
-    if not config.eval.every:
-        return None
+    out = stage.directory
     row = state.get(f"{it}/eval")
     if row is None:
         ev = EvalConfig(
@@ -300,7 +384,7 @@ def _evaluate_stage(
             backend=config.estep.backend,
             prompt=config.estep.prompt,
         )
-        metrics = run_eval(ev, progress=progress)
+        metrics = run_eval(ev, progress=progress, fingerprint=stage.settings)
         row = {"iteration": it, "method": config.method, "model": policy, **spent, **flatten_metrics(metrics)}
         state.finish(f"{it}/eval", row)
     return row

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from autocode4math.fingerprint import Stage, guard, model_identity, problems_digest, settings_of
 from autocode4math.io import JsonlAppender, read_done, write_json, write_jsonl
 from autocode4math.prompts import PromptConfig
 from autocode4math.rollout.engine import RolloutConfig, RolloutRequest, encode
@@ -300,6 +301,25 @@ def _run_missing(backend, requests, config, path: Path, partials, run_kwargs) ->
     return [done[r.key()] for r in requests if r.key() in done]
 
 
+NOT_IN_FINGERPRINT = ("batch_size", "rollout.max_active")
+"""EStepConfig fields that cannot change the E-step's output (how many rows are generated together)."""
+OUTPUTS = ("rollouts.jsonl", "train.jsonl", "audit.jsonl", "summary.json", "estep_config.yaml", "*.tmp")
+"""What the E-step (and the baselines' data collection) writes in its directory."""
+
+
+def fingerprint_settings(model: Any, problems: Sequence[Any], config: EStepConfig) -> dict[str, Any]:
+    """What determines a standalone E-step's output: its config, the queries and the model, by content.
+
+    A ready Backend object (tests, custom servers) is identified by its class name only.
+    """
+    identity = model_identity(str(model)) if isinstance(model, (str, Path)) else f"backend:{type(model).__name__}"
+    return {
+        **settings_of(config, leave_out=NOT_IN_FINGERPRINT),
+        "queries": problems_digest(problems),
+        "model": identity,
+    }
+
+
 def run_estep(
     model: Any,
     queries: Sequence[Any] | str,
@@ -309,12 +329,16 @@ def run_estep(
     sandbox: Any = None,
     grader: Callable | None = None,
     progress: bool = True,
+    overwrite: bool = False,
+    fingerprint: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Roll out, value and subsample; write rollouts.jsonl, train.jsonl, audit.jsonl, summary.json under out_dir.
 
     `model` is a checkpoint path (loaded with `config.backend`) or a ready rollout Backend; `queries`
     a list of Problems or a `benchmarks.load_problems` source. Rollouts are appended as they finish,
-    so running again after an interruption only generates what is missing. Returns the summary.
+    so running again after an interruption only generates what is missing. Rollouts made under
+    another fingerprint (`fingerprint_settings`, or `fingerprint` from a caller that knows its inputs'
+    identities) raise ResumeError, or are discarded with `overwrite`. Returns the summary.
     """
     from autocode4math.benchmarks import load_problems
     from autocode4math.config import save_config
@@ -323,7 +347,7 @@ def run_estep(
     if not problems:
         raise ValueError("run_estep: no queries")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    guard(Stage(out, "E-step", fingerprint or fingerprint_settings(model, problems, config), OUTPUTS), overwrite)
     save_config(config, out / "estep_config.yaml")
     backend = model
     if isinstance(model, (str, Path)):

@@ -17,13 +17,15 @@ temperature 0.6; `n` and `temperature` override both when given.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from autocode4math.analysis import CI_METHOD, all_metrics, breakdown, plot_benchmark
-from autocode4math.config import save_config, to_dict
-from autocode4math.io import JsonlAppender, read_done, write_json
+from autocode4math.config import save_config
+from autocode4math.fingerprint import ResumeError, Stage, guard, model_identity, settings_of
+from autocode4math.io import JsonlAppender, read_done, write_json, write_jsonl
 from autocode4math.prompts import MODES, PromptConfig
 from autocode4math.rollout import BACKENDS, RolloutConfig, RolloutRequest, make_backend, make_requests, run_rollouts
 
@@ -121,50 +123,65 @@ def _backend(config: EvalConfig) -> Any:
     return make_backend("vllm", config.model)
 
 
-RESUMABLE_CHANGES = (
-    "benchmarks",
-    "benchmark_files",
-    "modes",
-    "limit",
+NOT_IN_FINGERPRINT = (
     "out",
     "batch_size",
     "max_active",
     "concurrency",
     "base_url",
-    "backend",
     "group_by",
+    "benchmarks",
+    "benchmark_files",
+    "modes",
+    "limit",
 )
-"""Fields that may differ when resuming; any other change would mix samples of two settings."""
+"""EvalConfig fields left out of the fingerprint: they cannot change a sample (output place, batching,
+serving) or only choose which samples are wanted (samples are kept per benchmark/mode/id/sample, and a
+reused sample must have the question and answer the benchmark has now)."""
+OUTPUTS = ("samples.jsonl", "metrics.json", "report.md", "plots", "config.yaml", "*.tmp")
+"""What an evaluation writes in its directory."""
 
 
-def _check_resume(config: EvalConfig, out: Path) -> None:
-    import yaml
+def fingerprint_settings(config: EvalConfig) -> dict[str, Any]:
+    """What determines an evaluation's samples: its sampling and prompt settings and the model, by content."""
+    return {**settings_of(config, leave_out=NOT_IN_FINGERPRINT), "model": model_identity(config.model)}
 
-    saved_path = out / "config.yaml"
-    if not saved_path.exists() or not (out / "samples.jsonl").exists():
-        return
-    saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
-    now = to_dict(config)
-    changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
-    if changed:
-        raise ValueError(
-            f"{out} holds samples from a run with different {changed}; use another --out or the same settings"
-        )
+
+def _changed_questions(done: dict[tuple, dict[str, Any]], groups: dict[str, list[Any]]) -> list[tuple]:
+    """Keys of finished samples whose question or gold answer differ from the benchmark's current ones."""
+    current = {(b, str(p.id)): (p.question, json.loads(json.dumps(p.answer))) for b, ps in groups.items() for p in ps}
+    return [
+        k
+        for k, r in done.items()
+        if current.get((k[0], k[2]), (r["question"], r["answer"])) != (r["question"], r["answer"])
+    ]
 
 
 def _key(record: dict[str, Any]) -> tuple[str, str, str, int]:
     return (str(record["benchmark"]), record["mode"], str(record["id"]), int(record["sample"]))
 
 
-def run_eval(config: EvalConfig, *, backend: Any = None, sandbox: Any = None, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) the evaluation; write samples, metrics, report and plots; return the metrics."""
+def run_eval(
+    config: EvalConfig,
+    *,
+    backend: Any = None,
+    sandbox: Any = None,
+    progress: bool = True,
+    overwrite: bool = False,
+    fingerprint: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) the evaluation; write samples, metrics, report and plots; return the metrics.
+
+    Samples made under another fingerprint (`fingerprint_settings`, or `fingerprint` when the caller
+    knows the model's identity) or for a question that has changed raise ResumeError, or are
+    discarded with `overwrite`.
+    """
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_resume(config, out)
-    save_config(config, out / "config.yaml")
     groups = _load(config)
+    guard(Stage(out, "evaluation", fingerprint or fingerprint_settings(config), OUTPUTS), overwrite)
     samples = out / "samples.jsonl"
-    done = {_key(r) for r in read_done(samples)}
+    done = _reusable(samples, groups, overwrite)
+    save_config(config, out / "config.yaml")
     plan: list[tuple[str, RolloutConfig, list[RolloutRequest]]] = []
     wanted: set[tuple[str, str, str, int]] = set()
     for bench, problems in groups.items():
@@ -185,6 +202,23 @@ def run_eval(config: EvalConfig, *, backend: Any = None, sandbox: Any = None, pr
     records = [r for r in read_done(samples) if _key(r) in wanted]
     labels = group_labels(groups, config.group_by)
     return write_outputs(records, config, out, {b: sampling_for(b, config) for b in groups}, labels)
+
+
+def _reusable(samples: Path, groups: dict[str, list[Any]], overwrite: bool) -> set[tuple]:
+    """Keys of the finished samples in `samples`; samples of changed questions refuse (or, with overwrite, go)."""
+    done = {_key(r): r for r in read_done(samples)}
+    changed = _changed_questions(done, groups)
+    if changed and not overwrite:
+        bench, _, qid, _ = changed[0]
+        raise ResumeError(
+            f"{samples} holds {len(changed)} samples whose question or answer differ from {bench}'s now (e.g. id "
+            f"{qid}): the benchmark changed. Start fresh: another --out, or --overwrite (discards those samples)"
+        )
+    for key in changed:
+        del done[key]
+    if changed:
+        write_jsonl(samples, done.values())
+    return set(done)
 
 
 def group_labels(groups: dict[str, list[Any]], keys: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
