@@ -34,14 +34,16 @@ def _config(cls: type, path: str, overrides: list[str]):
 
 
 def _resuming(entry, *args, **kwargs):
-    """Call a resumable entry point; a refused resume (results made with other settings) is a usage error."""
+    """Call a resumable entry point. A refused resume (results made with other settings) is a usage error
+    (exit 2); a tool-health alarm stops the run with its message (exit 1). One line, no traceback."""
     from autocode4math.fingerprint import ResumeError
+    from autocode4math.health import ToolHealthError
 
     try:
         return entry(*args, **kwargs)
-    except ResumeError as e:
+    except (ResumeError, ToolHealthError) as e:
         typer.echo(f"Error: {e}", err=True)
-        raise typer.Exit(2) from None
+        raise typer.Exit(2 if isinstance(e, ResumeError) else 1) from None
 
 
 @app.command()
@@ -105,7 +107,7 @@ def grade(
     out: str = typer.Option(..., "--out", help="Output JSONL: the input rows plus `pred` and `correct`, same order."),
     benchmark: str = typer.Option("", help="Grading convention for rows without a `benchmark` field (e.g. aime24)."),
     workers: int | None = typer.Option(None, help="Grading processes (default: CPU count - 1)."),
-    timeout: float = typer.Option(10.0, help="Hard per-item timeout in seconds; a timeout counts as wrong."),
+    timeout: float = typer.Option(10.0, help="Hard per-item timeout in seconds; a timeout is recorded (grade_status) and counts as wrong."),
 ) -> None:
     """Grade model responses against gold answers; print a summary line."""
     from autocode4math.grading import grade_file
@@ -117,7 +119,7 @@ def grade(
         raise typer.BadParameter(str(e)) from None
     typer.echo(
         f"graded {s['graded']}: {s['correct']} correct ({100 * s['accuracy']:.1f}%), "
-        f"{s['no_answer']} without an answer, {s['timed_out']} timed out -> {out}"
+        f"{s['no_answer']} without an answer, {s['timed_out']} timed out, {s['errors']} grader errors -> {out}"
     )
 
 
@@ -154,12 +156,16 @@ def eval_(
         "--overwrite",
         help="Discard results in --out made with other settings and redo them (matching ones stay).",
     ),
+    ignore_tool_health: bool = typer.Option(
+        False, "--ignore-tool-health", help="Record tool-health alarms (sandbox/grader failures) but go on."
+    ),
 ) -> None:
     """Evaluate a model in auto/cot/code modes: per-sample JSONL, metrics.json, report.md, plots."""
     from autocode4math.config import ConfigError, load_config
     from autocode4math.evaluate import EvalConfig, replace, run_eval
 
     given = {"model": model, "modes": modes, "out": out, "backend": backend}
+    overrides = [*overrides, *(["health.check=false"] if ignore_tool_health else [])]
     bench_list = benchmarks.split(",") if benchmarks else ([] if benchmark_file else None)
     try:
         cfg = load_config(EvalConfig, config or None, overrides)
@@ -300,11 +306,15 @@ def train_cmd(
         "--overwrite",
         help="Discard results in --out made with other settings and redo them (matching ones stay).",
     ),
+    ignore_tool_health: bool = typer.Option(
+        False, "--ignore-tool-health", help="Record tool-health alarms (sandbox/grader failures) but go on."
+    ),
 ) -> None:
     """The EM loop (or a baseline): collect data, update the policy, evaluate on dev; resumable by stage."""
     from autocode4math.em import TrainConfig, train
 
     given = {"method": method, "model": model, "queries": queries, "out": out, "iterations": iterations}
+    overrides = [*overrides, *(["health.check=false"] if ignore_tool_health else [])]
     extra = [f"{k}={v}" for k, v in given.items() if v not in ("", None)]
     cfg = _config(TrainConfig, config, [*overrides, *extra])
     rows = _resuming(train, cfg, overwrite=overwrite)

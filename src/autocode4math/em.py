@@ -38,7 +38,8 @@ from autocode4math.estep import OUTPUTS as COLLECT_OUTPUTS
 from autocode4math.estep import EStepConfig, add_decision_tokens, advantages, decision_of, record_key, run_estep
 from autocode4math.evaluate import OUTPUTS as EVAL_OUTPUTS
 from autocode4math.fingerprint import Stage, file_digest, guard, mismatch, model_identity, problems_digest, settings_of
-from autocode4math.io import JsonlAppender, read_done, read_json, read_jsonl, write_json, write_jsonl
+from autocode4math.health import HealthConfig, check, reusable_records
+from autocode4math.io import JsonlAppender, read_json, read_jsonl, write_json, write_jsonl
 from autocode4math.mstep import NOT_IN_FINGERPRINT as MSTEP_NEUTRAL
 from autocode4math.mstep import MStepConfig, mstep_stage, run_mstep
 
@@ -90,6 +91,8 @@ class TrainConfig:
     estep: EStepConfig = field(default_factory=EStepConfig)
     mstep: MStepConfig = field(default_factory=MStepConfig)
     eval: DevEval = field(default_factory=DevEval)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    """Tool-health alarms of every rollout stage (E-step, collection, dev evaluation)."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -251,7 +254,9 @@ def collect(config: TrainConfig, policy: str, problems: list[Any], stage: Stage,
     out.mkdir(parents=True, exist_ok=True)
     if config.method == "em":
         estep = dataclasses.replace(config.estep, seed=config.estep.seed + it)
-        summary = run_estep(policy, problems, estep, out, progress=progress, fingerprint=stage.settings)
+        summary = run_estep(
+            policy, problems, estep, out, progress=progress, fingerprint=stage.settings, health=config.health
+        )
         data = out / "train.jsonl"
         return {"data": str(data), "tokens": summary["generated_tokens"], "train_tokens": _train_tokens(data)}
     if config.method == "rl":
@@ -266,7 +271,7 @@ def collect_on_policy(
     from autocode4math.rollout import make_backend, make_requests, run_rollouts
 
     path = out / "rollouts.jsonl"
-    done = {record_key(r): r for r in read_done(path)}
+    done = reusable_records(path, record_key)
     requests = make_requests(problems, ["auto"], config.rl_samples, config.estep.prompt)
     todo = [r for r in requests if _request_key(r) not in done]
     backend = make_backend(config.estep.backend, policy, **_backend_options(config))
@@ -280,6 +285,7 @@ def collect_on_policy(
 
             run_rollouts(backend, todo, rollout, on_record=keep, progress=progress, prompt_config=config.estep.prompt)
     records = [done[_request_key(r)] for r in requests]
+    tools = check(records, config.health, f"the rl collection in {out}")
     code_prefix = config.estep.prompt.code_prefix
     adv = advantages(records, config.estep.adv_eps)
     train = []
@@ -290,7 +296,7 @@ def collect_on_policy(
     data = out / "train.jsonl"
     write_jsonl(data, train)
     tokens = sum(int(r["n_generated_tokens"]) for r in records)
-    write_json(out / "summary.json", {"n_rollouts": len(records), "generated_tokens": tokens})
+    write_json(out / "summary.json", {"n_rollouts": len(records), "generated_tokens": tokens, "tools": tools})
     return {"data": str(data), "tokens": tokens, "train_tokens": _train_tokens(data)}
 
 
@@ -383,6 +389,7 @@ def _evaluate_stage(
             batch_size=config.eval.batch_size,
             backend=config.estep.backend,
             prompt=config.estep.prompt,
+            health=config.health,
         )
         metrics = run_eval(ev, progress=progress, fingerprint=stage.settings)
         row = {"iteration": it, "method": config.method, "model": policy, **spent, **flatten_metrics(metrics)}

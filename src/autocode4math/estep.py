@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from autocode4math.fingerprint import Stage, guard, model_identity, problems_digest, settings_of
-from autocode4math.io import JsonlAppender, read_done, write_json, write_jsonl
+from autocode4math.health import HealthConfig, check, reusable_records
+from autocode4math.io import JsonlAppender, write_json, write_jsonl
 from autocode4math.prompts import PromptConfig
 from autocode4math.rollout.engine import RolloutConfig, RolloutRequest, encode
 
@@ -286,7 +287,7 @@ def _run_missing(backend, requests, config, path: Path, partials, run_kwargs) ->
     """Run the requests whose records are not yet in `path`; return all records of `requests`."""
     from autocode4math.rollout.engine import run_rollouts
 
-    done = {_key_of(r): r for r in read_done(path)}
+    done = reusable_records(path, _key_of)
     todo = [r for r in requests if r.key() not in done]
     if todo:
         with JsonlAppender(path) as out:
@@ -331,6 +332,7 @@ def run_estep(
     progress: bool = True,
     overwrite: bool = False,
     fingerprint: dict[str, Any] | None = None,
+    health: HealthConfig | None = None,
 ) -> dict[str, Any]:
     """Roll out, value and subsample; write rollouts.jsonl, train.jsonl, audit.jsonl, summary.json under out_dir.
 
@@ -338,7 +340,9 @@ def run_estep(
     a list of Problems or a `benchmarks.load_problems` source. Rollouts are appended as they finish,
     so running again after an interruption only generates what is missing. Rollouts made under
     another fingerprint (`fingerprint_settings`, or `fingerprint` from a caller that knows its inputs'
-    identities) raise ResumeError, or are discarded with `overwrite`. Returns the summary.
+    identities) raise ResumeError, or are discarded with `overwrite`. The summary counts code calls and
+    grading by status; with `health`, a tool-health alarm raises ToolHealthError once the rollouts are
+    written (a rerun redoes the failed ones). Returns the summary.
     """
     from autocode4math.benchmarks import load_problems
     from autocode4math.config import save_config
@@ -361,13 +365,14 @@ def run_estep(
         by_id = {str(p.id): p for p in problems}
         reqs, partials = mid_requests(records, by_id, config)
         records += _run_missing(backend, reqs, config, out / "rollouts.jsonl", partials, kwargs)
+    tools = check(records, health or HealthConfig(check=False), f"the E-step in {out}")
     train, audit = subsample(records, config)
     code_text = config.prompt.code_prefix + "\n"
     for row in train:
         add_decision_tokens(row, backend.tokenizer, code_text, config.prompt.code_prefix)
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "audit.jsonl", audit)
-    summary = _summary(records, train)
+    summary = {**_summary(records, train), "tools": tools}
     write_json(out / "summary.json", summary)
     return summary
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from typing import Any
 from autocode4math.analysis import CI_METHOD, all_metrics, breakdown, plot_benchmark
 from autocode4math.config import save_config
 from autocode4math.fingerprint import ResumeError, Stage, guard, model_identity, settings_of
+from autocode4math.health import HealthConfig, alarms, check, reusable_records, tool_counts
 from autocode4math.io import JsonlAppender, read_done, write_json, write_jsonl
 from autocode4math.prompts import MODES, PromptConfig
 from autocode4math.rollout import BACKENDS, RolloutConfig, RolloutRequest, make_backend, make_requests, run_rollouts
@@ -77,6 +79,8 @@ class EvalConfig:
     group_by: list[str] = field(default_factory=lambda: ["family", "subject", "level"])
     """Problem meta keys to break the analysis down by, where a benchmark has them (toy family, MATH subject)."""
     prompt: PromptConfig = field(default_factory=PromptConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    """Tool-health alarms: stop (after writing the outputs) when the sandbox or grader broke."""
 
     def __post_init__(self) -> None:
         self.group_by, self.benchmarks, self.modes = map(_comma_list, (self.group_by, self.benchmarks, self.modes))
@@ -134,6 +138,7 @@ NOT_IN_FINGERPRINT = (
     "benchmark_files",
     "modes",
     "limit",
+    "health",
 )
 """EvalConfig fields left out of the fingerprint: they cannot change a sample (output place, batching,
 serving) or only choose which samples are wanted (samples are kept per benchmark/mode/id/sample, and a
@@ -169,8 +174,12 @@ def run_eval(
     progress: bool = True,
     overwrite: bool = False,
     fingerprint: dict[str, Any] | None = None,
+    grader: Callable | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the evaluation; write samples, metrics, report and plots; return the metrics.
+
+    `backend`, `sandbox` and `grader` replace the ones built from the config (see run_rollouts).
+    A tool-health alarm (`config.health`) raises ToolHealthError after the outputs are written.
 
     Samples made under another fingerprint (`fingerprint_settings`, or `fingerprint` when the caller
     knows the model's identity) or for a question that has changed raise ResumeError, or are
@@ -198,15 +207,18 @@ def run_eval(
         )
         plan.append((bench, rollout, [r for r in requests if r.key() not in done]))
     if any(todo for _, _, todo in plan):
-        _generate(plan, config, backend, sandbox, samples, progress)
+        _generate(plan, config, backend, sandbox, grader, samples, progress)
     records = [r for r in read_done(samples) if _key(r) in wanted]
     labels = group_labels(groups, config.group_by)
-    return write_outputs(records, config, out, {b: sampling_for(b, config) for b in groups}, labels)
+    metrics = write_outputs(records, config, out, {b: sampling_for(b, config) for b in groups}, labels)
+    check(records, config.health, f"the evaluation in {out}")  # after the outputs, which show the counts
+    return metrics
 
 
 def _reusable(samples: Path, groups: dict[str, list[Any]], overwrite: bool) -> set[tuple]:
-    """Keys of the finished samples in `samples`; samples of changed questions refuse (or, with overwrite, go)."""
-    done = {_key(r): r for r in read_done(samples)}
+    """Keys of the finished samples in `samples` (those whose tools failed are redone); samples of changed
+    questions refuse (or, with overwrite, go)."""
+    done = reusable_records(samples, _key)
     changed = _changed_questions(done, groups)
     if changed and not overwrite:
         bench, _, qid, _ = changed[0]
@@ -231,7 +243,7 @@ def group_labels(groups: dict[str, list[Any]], keys: list[str]) -> dict[str, dic
     return out
 
 
-def _generate(plan, config: EvalConfig, backend: Any, sandbox: Any, samples: Path, progress: bool) -> None:
+def _generate(plan, config: EvalConfig, backend: Any, sandbox: Any, grader: Any, samples: Path, progress: bool) -> None:
     backend = backend or _backend(config)
     own_pool = sandbox is None
     if own_pool:
@@ -249,6 +261,7 @@ def _generate(plan, config: EvalConfig, backend: Any, sandbox: Any, samples: Pat
                         on_record=appender.write,
                         progress=progress,
                         sandbox=sandbox,
+                        grader=grader,
                         prompt_config=config.prompt,
                     )
     finally:
@@ -268,6 +281,7 @@ def write_outputs(
     metrics = {
         "model": config.model,
         "ci_method": CI_METHOD,
+        "tools": {**tool_counts(records), "alarms": alarms(records, config.health)},
         "sampling": {b: {"n": n, "temperature": t} for b, (n, t) in sampling.items()},
         "benchmarks": benchmarks,
         "breakdown": {
@@ -306,6 +320,19 @@ def _rows(m: dict[str, Any]) -> list[list[str]]:
 HEADER = ["mode", "n", "acc %", "95% CI", "code %", "calls", "err %", "tokens"]
 
 
+def tool_lines(m: dict[str, Any]) -> list[str]:
+    """One line per mode: code calls and gradings by status (zero counts left out, failures always shown)."""
+
+    def shown(counts: dict[str, int], always: tuple[str, ...]) -> str:
+        return ", ".join(f"{k} {v}" for k, v in counts.items() if v or k in always) or "none"
+
+    return [
+        f"- tools, {mode}: code calls {shown(v['code_calls'], ('sandbox_error',))}; "
+        f"grading {shown(v['grading'], ('timeout', 'error'))}"
+        for mode, v in m["modes"].items()
+    ]
+
+
 def _summary(m: dict[str, Any]) -> str:
     parts = []
     if m.get("union") is not None:
@@ -322,11 +349,14 @@ def _summary(m: dict[str, Any]) -> str:
 def render_report(metrics: dict[str, Any]) -> str:
     """The Markdown report: one table per benchmark, the analysis line, the plot, the definitions."""
     lines = [f"# Evaluation of `{metrics['model']}`", ""]
+    for alarm in metrics.get("tools", {}).get("alarms", []):
+        lines += [f"**Tool health alarm**: {alarm}", ""]
     for bench, m in metrics["benchmarks"].items():
         s = metrics["sampling"].get(bench, {})
         lines += [f"## {bench}", "", f"n = {s.get('n')}, temperature = {s.get('temperature')}", ""]
         lines += ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
         lines += ["| " + " | ".join(row) + " |" for row in _rows(m)]
+        lines += ["", *tool_lines(m)]
         summary = _summary(m)
         lines += ["", summary, ""] if summary else [""]
         lines += [f"![{bench}](plots/{bench}.png)", ""]
@@ -339,6 +369,8 @@ def render_report(metrics: dict[str, Any]) -> str:
         "- n: samples; code %: share of samples that executed at least one code block; calls: mean executed code"
         " blocks per sample; err %: share of executed blocks whose status is not ok; tokens: mean model-generated"
         " tokens.",
+        "- tools: executed code blocks by sandbox status (sandbox_error: the sandbox itself failed, not the code) and"
+        " samples by grading status (timeout or error: the grader failed; such a sample counts as wrong).",
         "- Union bound: mean over questions of max(cot solve rate, code solve rate).",
         "- Selection accuracy: over auto samples of questions where cot and code solve rates differ, the share"
         " whose use of code matches the better mode; tied questions are excluded.",

@@ -16,6 +16,7 @@ Deliberate simplifications:
 
 from __future__ import annotations
 
+import contextlib
 import re
 import zlib
 from collections.abc import Callable, Sequence
@@ -279,6 +280,8 @@ def _record(t: _Trajectory, grade: Any) -> dict[str, Any]:
         "n_generated_tokens": sum(t.mask),
         "pred": grade.pred,
         "correct": bool(grade.correct) and t.finish_reason != "length",
+        "grade_status": getattr(grade, "status", "ok"),
+        "grade_error": getattr(grade, "error", ""),
     }
 
 
@@ -359,9 +362,12 @@ def _run(
 
 
 def _close_sessions(items: list[tuple[int, _Trajectory]], sandbox: Any) -> None:
+    from autocode4math.sandbox import SandboxError
+
     for _, t in items:
         if t.session is not None:
-            sandbox.close_session(t.session)
+            with contextlib.suppress(SandboxError):  # a broken sandbox has nothing left to close
+                sandbox.close_session(t.session)
             t.session = None
 
 
@@ -369,18 +375,39 @@ def _execute_round(
     active: list[tuple[int, _Trajectory]], codes: list[str | None], sandbox: Any, tokenizer: Any, config: RolloutConfig
 ) -> None:
     runs = [(t, code) for (_, t), code in zip(active, codes, strict=True) if code is not None]
-    for t, _ in runs:
-        if t.session is None:
-            t.session = sandbox.open_session()
-    results = sandbox.run_many([(t.session, code) for t, code in runs]) if runs else []
-    for (t, code), result in zip(runs, results, strict=True):
+    for (t, code), result in zip(runs, _run_code(runs, sandbox), strict=True):
         _insert_output(t, code, result, tokenizer, config)
+
+
+def _run_code(runs: list[tuple[_Trajectory, str]], sandbox: Any) -> list[Any]:
+    """Run the round's blocks, opening sessions as needed. When the sandbox itself fails (SandboxError),
+    every block of the round gets status `sandbox_error` (the model sees the failure) instead of a crash."""
+    from autocode4math.sandbox import ExecResult, SandboxError
+
+    if not runs:
+        return []
+    try:
+        for t, _ in runs:
+            if t.session is None:
+                t.session = sandbox.open_session()
+        return sandbox.run_many([(t.session, code) for t, code in runs])
+    except SandboxError as e:
+        return [ExecResult("sandbox_error", "", f"SandboxError: {e}", 0.0)] * len(runs)
+
+
+def _grade(items: list[tuple[str, Any, str | None]], grader: Callable) -> list[Any]:
+    """The grader's verdicts; a grader that raises fails every item with grade status `error`."""
+    from autocode4math.grading import Grade
+
+    try:
+        return grader(items)
+    except Exception as e:  # a broken grader is recorded per record (and stops the run by a health alarm)
+        return [Grade(None, False, "error", f"{type(e).__name__}: {e}"[:500])] * len(items)
 
 
 def _finish(done: list[tuple[int, _Trajectory]], sandbox: Any, grader: Callable) -> list[tuple[int, dict[str, Any]]]:
     _close_sessions(done, sandbox)
     if not done:
         return []
-    items = [(t.response, t.request.problem.answer, t.request.problem.benchmark) for _, t in done]
-    grades = grader(items)
+    grades = _grade([(t.response, t.request.problem.answer, t.request.problem.benchmark) for _, t in done], grader)
     return [(i, _record(t, g)) for (i, t), g in zip(done, grades, strict=True)]
