@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU measurement of docs/performance.md in one command, results under $OUT (default /tmp/gpu-results):
 #   scripts/gpu_bench.sh            # all parts, in priority order, within BUDGET_S seconds (default 560)
-#   scripts/gpu_bench.sh rollout    # or one part: rollout | train | e2e (one device call each)
+#   scripts/gpu_bench.sh rollout    # or one part: rollout | train | e2e | fleet (one device call each)
 # Four files come back: all.log (every command's output, under a header), results.jsonl (one line per
 # command: {"name", "result": its --json line}), e2e_stages.json (seconds per `autocode train` stage) and
 # summary.txt (versions, GPU, and what ran, was skipped for lack of time, or failed). A command that would
@@ -93,15 +93,30 @@ e2e() {
 print(json.dumps(t(sys.argv[1], float(sys.argv[2]))))" "$run_dir" "$started" >"$OUT/e2e_stages.json" 2>&1
 }
 
+fleet() {  # docs/scaling.md: two iterations with the M-step under accelerate launch (single_gpu), seconds per stage
+  local run_dir="$AUTOCODE4MATH_CACHE/fleet-run" model="$AUTOCODE4MATH_CACHE/qwen2.5-0.5b-random"
+  rm -rf "$run_dir"
+  [ -f "$model/config.json" ] || run fleet_checkpoint 60 "$PY" -c \
+    "from autocode4math.perf import save_random_checkpoint as s; print(s('qwen2.5-0.5b', '$model'))"
+  local started; started=$("$PY" -c "import time; print(time.time())")
+  run fleet_train 240 "${AUTOCODE[@]}" train --model "$model" --queries toy --out "$run_dir" --iterations 2 \
+    --workers 1 --launch single_gpu --set queries_limit=64 --set estep.k=4 --set estep.batch_size=128 \
+    --set estep.rollout.max_new_tokens=256 --set eval.limit=64 --set eval.batch_size=128 \
+    --set eval.max_new_tokens=256 --set mstep.micro_batch_size=8
+  "$PY" -c "import json, sys; from autocode4math.bench import train_stage_seconds as t
+print(json.dumps(t(sys.argv[1], float(sys.argv[2]))))" "$run_dir" "$started" >"$OUT/fleet_stages.json" 2>&1
+}
+
 # "all" runs the figures the issue's targets hang on first; what does not fit is skipped (summary.txt
 # says so) and the three parts, one device call each, cover everything.
 case "${1:-all}" in
   rollout) tokenizer; rollout_05b_b64; rollout_05b_b256; rollout_15b_b64 ;;
   train) train_05b; train_15b; train_15b_ckpt; train_7b_lora ;;
   e2e) tokenizer; e2e ;;
+  fleet) fleet ;;
   all) tokenizer; rollout_05b_b64; train_05b; train_15b; e2e; rollout_15b_b64; rollout_05b_b256; train_15b_ckpt
     train_7b_lora ;;
-  *) echo "usage: $0 [all|rollout|train|e2e]" >&2; exit 2 ;;
+  *) echo "usage: $0 [all|rollout|train|e2e|fleet]" >&2; exit 2 ;;
 esac
 echo "total $(($(date +%s) - START))s" >>"$SUMMARY"
 cat "$SUMMARY"

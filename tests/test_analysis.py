@@ -10,14 +10,19 @@ import pytest
 from autocode4math.analysis import (
     all_metrics,
     bootstrap_ci,
+    cost_points,
+    cost_table,
+    mean_sandbox_seconds,
     mode_metrics,
+    pareto_front,
     plot_benchmark,
+    plot_pareto,
     selection_accuracy,
     union_bound,
 )
 
 
-def rec(q, mode, correct, used_code=False, sample=0, blocks=(), tokens=10, finish="answer"):
+def rec(q, mode, correct, used_code=False, sample=0, blocks=(), tokens=10, finish="answer", seconds=None):
     return {
         "id": q,
         "benchmark": "b",
@@ -26,7 +31,7 @@ def rec(q, mode, correct, used_code=False, sample=0, blocks=(), tokens=10, finis
         "correct": correct,
         "used_code": used_code,
         "n_code_calls": sum(s != "not_run" for s in blocks),
-        "code_blocks": [{"status": s} for s in blocks],
+        "code_blocks": [{"status": s, **({} if seconds is None else {"duration_s": seconds})} for s in blocks],
         "n_generated_tokens": tokens,
         "finish_reason": finish,
     }
@@ -173,3 +178,51 @@ def test_all_metrics_and_plot(tmp_path):
 def test_mode_metrics_rejects_empty():
     with pytest.raises(ValueError, match="at least one record"):
         mode_metrics([])
+
+
+def test_sandbox_seconds_sum_executed_blocks_per_sample():
+    records = [
+        rec("q1", "code", True, True, blocks=("ok", "error"), seconds=0.25),  # 0.5 s: two executed blocks
+        rec("q2", "code", True, True, blocks=("ok", "not_run"), seconds=0.25),  # 0.25 s: not_run does not count
+        rec("q3", "code", False),  # no code: 0 s
+    ]
+    assert mean_sandbox_seconds(records) == pytest.approx(0.75 / 3)
+    assert mode_metrics(records)["mean_sandbox_s"] == pytest.approx(0.25)
+    # a record written before duration_s existed makes the figure unknown, not zero
+    assert mean_sandbox_seconds([*records, rec("q4", "code", True, True, blocks=("ok",))]) is None
+    assert mean_sandbox_seconds([rec("q", "cot", True)]) == 0.0
+
+
+@pytest.mark.parametrize(
+    "points, front",
+    [
+        # (cost, accuracy): b is cheaper and as accurate as a; c is dearer but more accurate; d is beaten by c
+        ([(10, 0.5), (5, 0.5), (20, 0.9), (30, 0.8)], [False, True, True, False]),
+        ([(1, 0.1)], [True]),
+        ([(3, 0.5), (3, 0.5)], [True, True]),  # equal points do not dominate each other
+        ([(0, 0.0), (0, 0.2), (1, 0.2)], [False, True, False]),
+    ],
+)
+def test_pareto_front(points, front):
+    assert pareto_front(points) == front
+
+
+def test_cost_points_across_models_and_modes(tmp_path):
+    model_a = all_metrics(
+        [rec("q1", "cot", True, tokens=100), rec("q2", "cot", False, tokens=100)]
+        + [rec(q, "code", True, True, blocks=("ok",), tokens=40, seconds=0.1) for q in ("q1", "q2")]
+    )["b"]
+    model_b = all_metrics([rec(q, "cot", q == "q1", tokens=20) for q in ("q1", "q2")])["b"]
+    rows = cost_points({"A": model_a, "B": model_b})
+    by = {(r["model"], r["mode"]): r for r in rows}
+    assert by[("A", "code")]["mean_sandbox_s"] == pytest.approx(0.1)
+    assert by[("A", "code")]["mean_code_calls"] == 1.0 and by[("A", "cot")]["mean_tokens"] == 100
+    # tokens: A/code (40, 100%) beats A/cot (100, 50%); B/cot (20, 50%) is the cheapest -> front {A/code, B/cot}
+    assert {k for k, r in by.items() if r["pareto_mean_tokens"]} == {("A", "code"), ("B", "cot")}
+    # calls: both cot rows cost 0 calls at 50%, A/code buys 100% with one call -> all three on the front
+    assert all(r["pareto_mean_code_calls"] for r in rows)
+    table = cost_table(rows, "cost.png")
+    assert "| A | code | 100.0 | 1.00 | 0.100 | 40 | tokens, calls |" in table
+    assert table[-1] == "![accuracy versus cost](cost.png)"
+    png = plot_pareto(rows, tmp_path / "p" / "cost.png", "b")
+    assert png.read_bytes()[:4] == b"\x89PNG"

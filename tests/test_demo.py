@@ -19,6 +19,15 @@ def test_demo_writes_report_metrics_and_figures_and_resumes(tmp_path):
     for name in ("report.md", "metrics.json", "fig4_accuracy_vs_tokens.png", "fig5_code_rate_distribution.png"):
         assert (out / name).stat().st_size > 0, name
     assert (out / "fig6_modes.png").stat().st_size > 0
+    assert (out / "fig_cost_pareto.png").read_bytes()[:4] == b"\x89PNG"
+    # accuracy versus cost: every model (EM and the baselines) in every mode, the front on both axes
+    assert {(r["model"], r["mode"]) for r in metrics["cost"]} == {
+        (label, mode) for label in ("EM (ours)", "Base+RL", "SFT+RL", "SFT", "base") for mode in ("auto", "cot", "code")
+    }
+    assert any(r["pareto_mean_tokens"] for r in metrics["cost"]) and any(
+        r["pareto_mean_code_calls"] for r in metrics["cost"]
+    )
+    assert "## Accuracy versus cost (test split)" in (out / "report.md").read_text()
     assert set(metrics["test"]) == {"em", "base_rl", "sft_rl", "sft", "base"}
     for curve in metrics["curves"].values():
         assert [r["iteration"] for r in curve] == [0, 1]

@@ -187,6 +187,7 @@ class _Result:
     status: str
     stdout: str
     error: str = ""
+    duration_s: float = 0.0
 
     def feedback(self) -> str:
         return self.stdout

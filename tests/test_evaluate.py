@@ -74,6 +74,15 @@ def test_metrics_match_the_scripted_behaviour(tmp_path, tiny_tokenizer, pool):
     report = (out / "report.md").read_text()
     assert "## tiny" in report and "selection accuracy 50.0%" in report and "plots/tiny.png" in report
     assert (out / "plots" / "tiny.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "plots" / "tiny_cost.png").read_bytes()[:4] == b"\x89PNG"
+    # cost: every code block carries its sandbox time; cot never runs code; code mode makes one call per question
+    assert all(b["duration_s"] > 0 for r in rows for b in r["code_blocks"])
+    assert all(r["meta"] == {} for r in rows)
+    assert m["modes"]["cot"]["mean_sandbox_s"] == 0.0 < m["modes"]["code"]["mean_sandbox_s"]
+    cost = {r["mode"]: r for r in metrics["cost"]["tiny"]}
+    assert cost["code"]["mean_code_calls"] == 1.0 and cost["cot"]["mean_code_calls"] == 0.0
+    assert cost["code"]["pareto_mean_code_calls"]  # the only mode at 100%
+    assert "accuracy versus cost" in report and "plots/tiny_cost.png" in report
     assert (out / "config.yaml").exists()
 
 

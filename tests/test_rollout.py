@@ -47,6 +47,7 @@ def test_code_round_segments_and_mask(tiny_tokenizer, pool):
         {"kind": "model", "start": b, "end": len(expected)},
     ]
     assert r["response_mask"] == [1] * a + [0] * (b - a) + [1] * (len(expected) - b)
+    assert 0 < r["code_blocks"][0].pop("duration_s") < 10  # sandbox seconds of the block
     assert r["code_blocks"] == [{"code": "print(6 * 7)\n", "status": "ok", "output": "42\n", "error": ""}]
     assert (r["n_code_calls"], r["used_code"], r["finish_reason"]) == (1, True, "answer")
     assert (r["pred"], r["correct"]) == ("42", True)
@@ -57,7 +58,7 @@ def test_code_round_segments_and_mask(tiny_tokenizer, pool):
 def test_record_has_the_contract_keys(tiny_tokenizer, pool):
     (r,), _ = rollout(tiny_tokenizer, pool, by_rounds([ANSWER_TURN]))
     keys = (
-        "id benchmark mode sample question answer prompt prefix response prompt_ids prefix_ids response_ids"
+        "id benchmark mode sample question answer meta prompt prefix response prompt_ids prefix_ids response_ids"
         " response_mask segments code_blocks n_code_calls used_code finish_reason n_prompt_tokens"
         " n_generated_tokens pred correct"
     )

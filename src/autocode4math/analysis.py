@@ -10,6 +10,11 @@ Definitions (also in docs/rollout.md):
 - per-question solve rate acc_m(q): mean of `correct` over the samples of question q in mode m.
 - union bound (the paper's "free lunch"): mean over questions of max(acc_cot(q), acc_code(q)). With
   one sample per question this is the fraction of questions solved by CoT or by code.
+- cost per question (one answered sample): mean code calls (executed blocks), mean sandbox seconds
+  (the blocks' `duration_s`; None for records written before it was recorded) and mean generated
+  tokens (the model's own tokens, tool output excluded).
+- Pareto front: a (model, mode) point is on it when no other point is at least as accurate for at
+  most the same cost, and strictly better in one of the two.
 - selection accuracy of auto mode: a question is *decisive* when acc_code(q) != acc_cot(q); its
   reference choice is code iff acc_code(q) > acc_cot(q). Each auto sample on a decisive question is
   right when `used_code` equals the reference choice; selection accuracy is the mean over those
@@ -84,12 +89,26 @@ def mode_metrics(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "code_error_rate": (sum(b["status"] != "ok" for b in blocks) / len(blocks)) if blocks else None,
         "n_code_blocks": len(blocks),
         "mean_tokens": sum(r["n_generated_tokens"] for r in records) / n,
+        "mean_sandbox_s": mean_sandbox_seconds(records),
         "finish_reasons": {
             k: sum(r["finish_reason"] == k for r in records) for k in ("answer", "length", "round_limit")
         },
         "code_calls": tools["code_calls"],
         "grading": tools["grading"],
     }
+
+
+def mean_sandbox_seconds(records: Sequence[dict[str, Any]]) -> float | None:
+    """Mean over records of the summed `duration_s` of their executed code blocks; None if any lacks it."""
+    total = 0.0
+    for r in records:
+        for b in r["code_blocks"]:
+            if b["status"] == "not_run":
+                continue
+            if b.get("duration_s") is None:
+                return None
+            total += float(b["duration_s"])
+    return total / len(records) if records else None
 
 
 def union_bound(cot: Sequence[dict[str, Any]], code: Sequence[dict[str, Any]]) -> float | None:
@@ -201,6 +220,105 @@ def plot_benchmark(name: str, metrics: dict[str, Any], path: str | Path) -> Path
     ax.set_ylim(0, 100)
     ax.set_title(name)
     fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+COST_AXES = {"mean_tokens": "generated tokens per question", "mean_code_calls": "code calls per question"}
+"""The cost axes of the Pareto plots: mode_metrics key -> axis label."""
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
+    """For (cost, accuracy) points: True where no other point is as accurate for no more cost, and better in one."""
+
+    def dominated(c: float, a: float) -> bool:
+        return any(c2 <= c and a2 >= a and (c2 < c or a2 > a) for c2, a2 in points)
+
+    return [not dominated(c, a) for c, a in points]
+
+
+def cost_points(models: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Accuracy and cost per (model, mode), from each model's `benchmark_metrics` on one benchmark.
+
+    Each row: model, mode, accuracy, ci_low, ci_high, mean_code_calls, mean_sandbox_s, mean_tokens,
+    and per cost axis `pareto_<axis>`: whether the row is on the Pareto front of all rows.
+    """
+    keys = ("accuracy", "ci_low", "ci_high", "mean_code_calls", "mean_sandbox_s", "mean_tokens")
+    rows = [
+        {"model": model, "mode": mode, **{k: m.get(k) for k in keys}}
+        for model, bench in models.items()
+        for mode, m in bench["modes"].items()
+    ]
+    for axis in COST_AXES:
+        front = pareto_front([(r[axis], r["accuracy"]) for r in rows])
+        for r, on in zip(rows, front, strict=True):
+            r[f"pareto_{axis}"] = on
+    return rows
+
+
+def eval_cost_points(runs: dict[str, str | Path], benchmark: str | None = None) -> list[dict[str, Any]]:
+    """cost_points of several evaluation output directories (label -> dir with metrics.json) on one benchmark.
+
+    `benchmark` defaults to the first benchmark of the first run.
+    """
+    import json
+
+    models = {label: json.loads((Path(d) / "metrics.json").read_text(encoding="utf-8")) for label, d in runs.items()}
+    if benchmark is None:
+        benchmark = next(iter(next(iter(models.values()))["benchmarks"]))
+    return cost_points({label: m["benchmarks"][benchmark] for label, m in models.items()})
+
+
+def cost_table(rows: Sequence[dict[str, Any]], image: str | None = None) -> list[str]:
+    """Markdown lines: one row per (model, mode) with accuracy, the three costs and its Pareto fronts; then the plot."""
+
+    def fmt(x: float | None, spec: str) -> str:
+        return "-" if x is None else format(x, spec)
+
+    lines = [
+        "| model | mode | acc % | code calls / q | sandbox s / q | tokens / q | Pareto front |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        fronts = [
+            name for axis, name in (("mean_tokens", "tokens"), ("mean_code_calls", "calls")) if r[f"pareto_{axis}"]
+        ]
+        lines.append(
+            f"| {r['model']} | {r['mode']} | {fmt(100 * r['accuracy'], '.1f')} | {fmt(r['mean_code_calls'], '.2f')} | "
+            f"{fmt(r['mean_sandbox_s'], '.3f')} | {fmt(r['mean_tokens'], '.0f')} | {', '.join(fronts) or '-'} |"
+        )
+    return lines + ([f"![accuracy versus cost]({image})"] if image else [])
+
+
+def plot_pareto(rows: Sequence[dict[str, Any]], path: str | Path, title: str) -> Path:
+    """Accuracy against each cost axis (one panel each): a point per (model, mode), the Pareto front as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    markers = {"auto": "o", "cot": "s", "code": "^"}
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, axes = plt.subplots(1, len(COST_AXES), figsize=(5 * len(COST_AXES), 3.8))
+    for ax, (axis, label) in zip(axes, COST_AXES.items(), strict=True):
+        for r in rows:
+            color = colors[models.index(r["model"]) % len(colors)]
+            ax.scatter(r[axis], 100 * r["accuracy"], marker=markers.get(r["mode"], "D"), color=color, s=40)
+        front = sorted((r[axis], 100 * r["accuracy"]) for r in rows if r[f"pareto_{axis}"])
+        ax.plot(*zip(*front, strict=True), "--", color="gray", lw=1, label="Pareto front")
+        ax.set(xlabel=label, ylabel="accuracy (%)")
+    handles = [
+        plt.Line2D([], [], color=colors[i % len(colors)], marker="o", ls="", label=m) for i, m in enumerate(models)
+    ]
+    handles += [plt.Line2D([], [], color="black", marker=mk, ls="", label=mode) for mode, mk in markers.items()]
+    handles.append(plt.Line2D([], [], color="gray", ls="--", label="Pareto front"))
+    fig.legend(handles=handles, loc="center right", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 0.82, 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

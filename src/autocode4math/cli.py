@@ -6,6 +6,11 @@ Each command's options are its function's signature and its help is the docstrin
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any, NoReturn
+
 import typer
 
 from autocode4math import __version__
@@ -23,27 +28,52 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(toy_app, name="toy")
 
 
-def _config(cls: type, path: str, overrides: list[str]):
-    """load_config for a command: a bad preset or override is a usage error naming the problem."""
-    from autocode4math.config import ConfigError, load_config
-
-    try:
-        return load_config(cls, path or None, overrides)
-    except (ConfigError, OSError) as e:
-        raise typer.BadParameter(str(e)) from None
+def _fail(message: str) -> NoReturn:
+    """A user error: one line on stderr, exit code 2 (as for any usage error), no traceback."""
+    typer.echo("Error: " + " ".join(str(message).splitlines()), err=True)
+    raise typer.Exit(2)
 
 
-def _resuming(entry, *args, **kwargs):
-    """Call a resumable entry point. A refused resume (results made with other settings) is a usage error
-    (exit 2); a tool-health alarm stops the run with its message (exit 1). One line, no traceback."""
-    from autocode4math.fingerprint import ResumeError
+def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Let `command` end with `_fail` on a user error wherever raised: ConfigError (a bad setting), DataError
+    (a bad file), ResumeError (a directory holding results of other settings)."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        from autocode4math.config import ConfigError
+        from autocode4math.fingerprint import ResumeError
+        from autocode4math.io import DataError
+
+        try:
+            return command(*args, **kwargs)
+        except (ConfigError, DataError, ResumeError) as e:
+            _fail(str(e))
+
+    return run
+
+
+def _config(cls: type, path: str, overrides: list[str], values: dict[str, Any] | None = None, **kw: Any) -> Any:
+    """load_config for a command; typed options in `values` are given as values (None or "" = not given)."""
+    from autocode4math.config import load_config
+
+    given = {k: v for k, v in (values or {}).items() if v is not None and v != ""}
+    return load_config(cls, path or None, overrides, given, **kw)
+
+
+@contextlib.contextmanager
+def _run_errors() -> Iterator[None]:
+    """Failures of a run's machinery (fleet, server, launched M-step) and tool-health alarms (a stage's sandbox
+    or grader broke) as one message and exit code 1."""
+    from autocode4math.fleet import FleetError
     from autocode4math.health import ToolHealthError
+    from autocode4math.launch import LaunchError
+    from autocode4math.rollout.server import ServerError
 
     try:
-        return entry(*args, **kwargs)
-    except (ResumeError, ToolHealthError) as e:
+        yield
+    except (FleetError, LaunchError, ServerError, ToolHealthError) as e:
         typer.echo(f"Error: {e}", err=True)
-        raise typer.Exit(2 if isinstance(e, ResumeError) else 1) from None
+        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -69,12 +99,11 @@ def exec_code(
     try:
         config = SandboxConfig(timeout_s=timeout, memory_mb=memory_mb)
     except ValueError as e:
-        raise typer.BadParameter(str(e)) from None
+        _fail(str(e))
     try:
         result = execute(sys.stdin.read(), config)
     except SandboxError as e:
-        typer.echo(f"sandbox failure: {e}", err=True)
-        raise typer.Exit(2) from None
+        _fail(f"sandbox failure: {e}")
     typer.echo(json.dumps(result.to_dict()))
 
 
@@ -91,7 +120,7 @@ def bench_sandbox(
     from autocode4math.bench import print_sandbox_table
 
     if n < 1 or workers < 0:
-        raise typer.BadParameter("--n must be >= 1 and --workers >= 0")
+        _fail(f"--n must be >= 1 and --workers >= 0, got --n {n} --workers {workers}")
     figures, layers = run_bench(n=n, workers=workers or None)
     print_sandbox_table(figures, layers)
     if as_json:
@@ -107,7 +136,9 @@ def grade(
     out: str = typer.Option(..., "--out", help="Output JSONL: the input rows plus `pred` and `correct`, same order."),
     benchmark: str = typer.Option("", help="Grading convention for rows without a `benchmark` field (e.g. aime24)."),
     workers: int | None = typer.Option(None, help="Grading processes (default: CPU count - 1)."),
-    timeout: float = typer.Option(10.0, help="Hard per-item timeout in seconds; a timeout is recorded (grade_status) and counts as wrong."),
+    timeout: float = typer.Option(
+        10.0, help="Hard per-item timeout in seconds; a timeout is recorded (grade_status) and counts as wrong."
+    ),
 ) -> None:
     """Grade model responses against gold answers; print a summary line."""
     from autocode4math.grading import grade_file
@@ -116,7 +147,7 @@ def grade(
     try:
         s = grade_file(in_path, out, benchmark or None, workers, timeout)
     except (DataError, OSError, ValueError) as e:
-        raise typer.BadParameter(str(e)) from None
+        _fail(str(e))
     typer.echo(
         f"graded {s['graded']}: {s['correct']} correct ({100 * s['accuracy']:.1f}%), "
         f"{s['no_answer']} without an answer, {s['timed_out']} timed out, {s['errors']} grader errors -> {out}"
@@ -135,10 +166,25 @@ def bench_grading(
         typer.echo(f"{name}: {value:.1f}" if isinstance(value, float) else f"{name}: {value}")
 
 
+@bench_app.command("view")
+def bench_view_cmd(
+    trajectories: int = typer.Option(20_000, help="Synthetic trajectories in the run."),
+    chars: int = typer.Option(1500, help="Characters of reasoning per trajectory before its answer."),
+    out: str = typer.Option("runs/bench-view", help="Where the synthetic run and its page go."),
+    browser: bool = typer.Option(True, help="Also time load, filter, search in headless Chromium."),
+) -> None:
+    """Size of the `autocode view` page for a large run and how long it takes to load and filter."""
+    from autocode4math.view import bench_view
+
+    for name, value in bench_view(trajectories, chars, out, browser).items():
+        typer.echo(f"{name}: {value}")
+
+
 # --- rollouts and evaluation (eval) ---
 
 
 @app.command("eval")
+@_user_errors
 def eval_(
     model: str = typer.Option("", help="Model path or hub id (openai backend: the served model name)."),
     benchmarks: str = typer.Option("", help="Comma-separated benchmark names (gsm8k,math500,aime24,...) or toy."),
@@ -149,6 +195,7 @@ def eval_(
     benchmark_file: list[str] = typer.Option([], help="Extra benchmark file (.jsonl/.json/.parquet); repeatable."),
     limit: int | None = typer.Option(None, help="Only the first N questions of each benchmark."),
     backend: str = typer.Option("", help="hf (default), openai or vllm."),
+    workers: int | None = typer.Option(None, help="Rollout engines; more than 1 runs them as Ray actors (fleet.*)."),
     config: str = typer.Option("", help="YAML file with EvalConfig fields."),
     overrides: list[str] = typer.Option([], "--set", help="Dotted overrides, e.g. --set max_new_tokens=1024."),
     overwrite: bool = typer.Option(
@@ -161,26 +208,35 @@ def eval_(
     ),
 ) -> None:
     """Evaluate a model in auto/cot/code modes: per-sample JSONL, metrics.json, report.md, plots."""
-    from autocode4math.config import ConfigError, load_config
-    from autocode4math.evaluate import EvalConfig, replace, run_eval
+    from autocode4math.evaluate import EvalConfig, run_eval
 
-    given = {"model": model, "modes": modes, "out": out, "backend": backend}
-    overrides = [*overrides, *(["health.check=false"] if ignore_tool_health else [])]
-    bench_list = benchmarks.split(",") if benchmarks else ([] if benchmark_file else None)
+    given = {"model": model, "benchmarks": benchmarks, "modes": modes, "out": out, "backend": backend, "n": n}
+    given |= {"temperature": temperature, "limit": limit, "benchmark_files": benchmark_file or None}
+    given |= {"fleet.workers": workers, "health.check": False if ignore_tool_health else None}
+    if benchmark_file and not benchmarks:
+        given["benchmarks"] = []  # only the given files, not the default benchmarks
+    cfg = _config(EvalConfig, config, overrides, given)
+    with _run_errors():
+        run_eval(cfg, overwrite=overwrite)
+
+
+@app.command("view")
+def view_cmd(
+    run_dir: str = typer.Argument(..., help="A run directory: an eval, an E-step, a training run or the demo."),
+    run_dir_b: str = typer.Argument("", help="A second run directory, shown beside the first (sources A and B)."),
+    out: str = typer.Option("", help="The HTML file to write (default: RUN_DIR/view.html)."),
+    no_compress: bool = typer.Option(False, "--no-compress", help="Embed plain JSON even when the data is large."),
+) -> None:
+    """One self-contained HTML page (opens from disk, no server) to read, filter and compare a run's trajectories."""
+    from autocode4math.io import DataError
+    from autocode4math.view import write_view
+
+    runs = [run_dir, *([run_dir_b] if run_dir_b else [])]
     try:
-        cfg = load_config(EvalConfig, config or None, overrides)
-        cfg = replace(
-            cfg,
-            **{k: v for k, v in given.items() if v},
-            n=n,
-            temperature=temperature,
-            limit=limit,
-            benchmarks=bench_list,
-            benchmark_files=benchmark_file or None,
-        )
-    except (ConfigError, OSError, ValueError) as e:
-        raise typer.BadParameter(str(e)) from None
-    _resuming(run_eval, cfg, overwrite=overwrite)
+        path = write_view(runs, out or None, compress=False if no_compress else None)
+    except (DataError, OSError) as e:
+        _fail(str(e))
+    typer.echo(f"{path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
 # --- toy world (toy ...) ---
@@ -211,12 +267,13 @@ def toy_sample(
     try:
         item = toyworld.generate(family, difficulty, random.Random(seed))
     except ValueError as e:
-        raise typer.BadParameter(str(e)) from None
+        _fail(str(e))
     typer.echo(f"{item.question}\nanswer: {item.answer}\n\n--- cot ---\n{toyworld.write_cot(item)}")
     typer.echo(f"\n--- code ---\n{toyworld.write_code(item)}")
 
 
 @toy_app.command("pretrain")
+@_user_errors
 def toy_pretrain(
     stage: str = typer.Option(
         "base", help="base (from scratch, CoT-heavy) or sft (tool-integrated, code choice not tied to the family)."
@@ -231,8 +288,7 @@ def toy_pretrain(
     """Train a toy checkpoint (tiny Qwen2 + BPE tokenizer) on CPU, printing progress."""
     from autocode4math.toymodel import PretrainConfig, pretrain
 
-    extra = [f"stage={stage}", f"seed={seed}"] + ([f"out_dir={out_dir}"] if out_dir else [])
-    cfg = _config(PretrainConfig, config, [*overrides, *extra])
+    cfg = _config(PretrainConfig, config, overrides, {"stage": stage, "seed": seed, "out_dir": out_dir})
     pretrain(cfg, log=lambda line: typer.echo(line))
 
 
@@ -240,6 +296,7 @@ def toy_pretrain(
 
 
 @app.command()
+@_user_errors
 def estep(
     model: str = typer.Option(..., help="Checkpoint directory that generates the rollouts (pi_theta)."),
     queries: str = typer.Option(..., help="Training queries: 'toy', a benchmark name, or a .jsonl/.json/.parquet."),
@@ -258,19 +315,18 @@ def estep(
     import json
 
     from autocode4math.benchmarks import load_problems
-    from autocode4math.config import ConfigError, load_config
     from autocode4math.estep import EStepConfig, run_estep
 
-    try:
-        cfg = load_config(EStepConfig, config or None, overrides)
-        problems = load_problems(queries, split=split, limit=limit or None)
-    except (ConfigError, OSError, ValueError) as e:
-        raise typer.BadParameter(str(e)) from None
-    summary = _resuming(run_estep, model, problems, cfg, out, overwrite=overwrite)
+    if limit < 0:
+        _fail(f"--limit must be >= 0 (0: all queries), got {limit}")
+    cfg = _config(EStepConfig, config, overrides)
+    problems = load_problems(queries, split=split, limit=limit or None)
+    summary = run_estep(model, problems, cfg, out, overwrite=overwrite)
     typer.echo(json.dumps(summary, indent=2))
 
 
 @app.command()
+@_user_errors
 def mstep(
     model: str = typer.Option(..., help="Checkpoint directory to train; also pi_ref (it generated the data)."),
     data: str = typer.Option(..., help="E-step train.jsonl."),
@@ -282,15 +338,21 @@ def mstep(
         "--overwrite",
         help="Discard results in --out made with other settings and redo them (matching ones stay).",
     ),
+    fingerprint: str = typer.Option(
+        "", hidden=True, help="JSON file of the stage fingerprint to check (autocode train --launch passes it)."
+    ),
 ) -> None:
     """M-step: clipped off-policy RL + decision cross-entropy; `accelerate launch -m autocode4math.cli mstep ...`."""
+    from autocode4math.io import read_json
     from autocode4math.mstep import MStepConfig, run_mstep
 
     cfg = _config(MStepConfig, config, overrides)
-    typer.echo(str(_resuming(run_mstep, model, data, cfg, out, overwrite=overwrite)))
+    expected = read_json(fingerprint) if fingerprint else None
+    typer.echo(str(run_mstep(model, data, cfg, out, overwrite=overwrite, fingerprint=expected)))
 
 
 @app.command("train")
+@_user_errors
 def train_cmd(
     config: str = typer.Option("", help="YAML preset with TrainConfig fields (e.g. presets/toy-em.yaml)."),
     method: str = typer.Option("", help="em (default), rl (on-policy RL, no E-step) or sft (fixed dataset)."),
@@ -298,8 +360,16 @@ def train_cmd(
     queries: str = typer.Option("", help="Training queries (train split): toy, a file, or a HF dataset id."),
     out: str = typer.Option("", help="Run directory; running the same command again resumes it."),
     iterations: int | None = typer.Option(None, help="EM iterations (E-step, M-step, dev evaluation each)."),
+    workers: int | None = typer.Option(
+        None, help="Rollout engines (E-step, RL collection, dev evaluation); more than 1 runs them as Ray actors."
+    ),
+    launch: str = typer.Option(
+        "",
+        help="Run each M-step under accelerate launch with this preset: single_gpu, ddp, fsdp, deepspeed_zero2, "
+        "cpu_ddp, or a YAML file (default: in this process).",
+    ),
     overrides: list[str] = typer.Option(
-        [], "--set", help="Dotted overrides, e.g. --set estep.k=8 --set mstep.lr=1e-5."
+        [], "--set", help="Dotted overrides, e.g. --set estep.k=8 --set mstep.lr=1e-5 --set fleet.address=auto."
     ),
     overwrite: bool = typer.Option(
         False,
@@ -314,15 +384,17 @@ def train_cmd(
     from autocode4math.em import TrainConfig, train
 
     given = {"method": method, "model": model, "queries": queries, "out": out, "iterations": iterations}
-    overrides = [*overrides, *(["health.check=false"] if ignore_tool_health else [])]
-    extra = [f"{k}={v}" for k, v in given.items() if v not in ("", None)]
-    cfg = _config(TrainConfig, config, [*overrides, *extra])
-    rows = _resuming(train, cfg, overwrite=overwrite)
+    given |= {"fleet.workers": workers, "launch.preset": launch}
+    given |= {"health.check": False if ignore_tool_health else None}
+    cfg = _config(TrainConfig, config, overrides, given)
+    with _run_errors():
+        rows = train(cfg, overwrite=overwrite)
     last = rows[-1] if rows else {}
     typer.echo(f"done: {cfg.out} (final dev auto accuracy {last.get('auto_accuracy')})")
 
 
 @app.command("demo")
+@_user_errors
 def demo_cmd(
     full: bool = typer.Option(False, "--full", help="The longer study (more queries, iterations and rollouts)."),
     out: str = typer.Option("", help="Run directory (default runs/demo, or runs/demo-full); reruns resume."),
@@ -334,15 +406,13 @@ def demo_cmd(
     ),
 ) -> None:
     """The toy study: EM vs Base+RL, SFT, SFT+RL from the shipped checkpoints; report.md, metrics.json, plots."""
-    from autocode4math.config import ConfigError, from_dict, parse_overrides, to_dict
+    from autocode4math.config import to_dict
     from autocode4math.demo import DemoConfig, run_demo
 
-    base = DemoConfig.full() if full else DemoConfig()
-    try:
-        cfg = from_dict(DemoConfig, {**to_dict(base), **parse_overrides(overrides), **({"out": out} if out else {})})
-    except ConfigError as e:
-        raise typer.BadParameter(str(e)) from None
-    metrics = _resuming(run_demo, cfg, overwrite=overwrite)
+    base = to_dict(DemoConfig.full() if full else DemoConfig())
+    cfg = _config(DemoConfig, "", overrides, {"out": out}, base=base)
+    with _run_errors():
+        metrics = run_demo(cfg, overwrite=overwrite)
     typer.echo(f"report: {cfg.out}/report.md ({metrics['seconds']:.0f} s)")
     for name, t in metrics["targets"].items():
         typer.echo(f"  {name}: {'met' if t['met'] else 'NOT met'}")
@@ -371,7 +441,7 @@ def bench_rollout_cmd(
     try:
         cfg = RolloutBenchConfig(arch, batch, prompt_tokens, max_new_tokens, static_cache, code_rounds, repeats, device)
     except ValueError as e:
-        raise typer.BadParameter(str(e)) from None
+        _fail(str(e))
     result = bench_rollout(cfg)
     print_rollout_table(result)
     if as_json:
@@ -399,11 +469,39 @@ def bench_train_cmd(
         cfg = TrainBenchConfig(arch, seq_len, micro_batch_size, steps, warmup, gradient_checkpointing, lora_r,
                                device=device)  # fmt: skip
     except ValueError as e:
-        raise typer.BadParameter(str(e)) from None
+        _fail(str(e))
     result = bench_train(cfg)
     print_train_table(result)
     if as_json:
         typer.echo(json.dumps(result))
+
+
+@bench_app.command("fleet")
+def bench_fleet_cmd(
+    workers: str = typer.Option("1,2", help="Comma-separated worker counts, measured in order in one run."),
+    queries: int = typer.Option(32, help="Toy train questions (each: K rollouts per code decision)."),
+    k: int = typer.Option(4, help="Rollouts per question and decision."),
+    max_new_tokens: int = typer.Option(256, help="Token budget per trajectory."),
+    shard_size: int = typer.Option(32, help="Requests per shard (one engine run each)."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature (the E-step's 1.0; 0 for greedy)."),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable JSON object as the last line."),
+) -> None:
+    """E-step throughput (trajectories/s, tokens/s) on the toy world with 1..N CPU workers, and the speedup."""
+    import json
+
+    from autocode4math.scaling import FleetBenchConfig, bench_fleet, print_fleet_table
+
+    try:
+        counts = [int(w) for w in workers.split(",") if w.strip()]
+        cfg = FleetBenchConfig(counts, queries, k, max_new_tokens, shard_size, temperature=temperature)
+    except ValueError as e:
+        _fail(f"--workers {workers!r}: {e}")
+    with _run_errors():
+        result = bench_fleet(cfg, progress=not as_json)
+    print_fleet_table(result)
+    if as_json:
+        keys = ("workers", "tokens_per_s", "trajectories_per_s", "speedup", "same_records")
+        typer.echo(json.dumps({**{key: result[key] for key in keys}, "runs": result["runs"]}))
 
 
 if __name__ == "__main__":  # `accelerate launch -m autocode4math.cli mstep ...`

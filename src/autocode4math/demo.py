@@ -8,7 +8,8 @@ Four methods under the same rollout budget (the paper's Fig. 4):
   rollouts, so it is a horizontal line in the token plot).
 Each RL run evaluates on the dev split after every iteration; the final models are evaluated on the
 test split in auto, cot and code modes. The run directory gets `metrics.json`, `report.md` and
-`fig4_accuracy_vs_tokens.png`, `fig5_code_rate_distribution.png`, `fig6_modes.png`.
+`fig4_accuracy_vs_tokens.png`, `fig5_code_rate_distribution.png`, `fig6_modes.png` and
+`fig_cost_pareto.png` (accuracy against tokens and code calls per model and mode).
 
 Everything is resumable: each method is an `em.train` run in its own subdirectory and each
 evaluation an `evaluate.run_eval` output, so rerunning the same command only does what is missing.
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from autocode4math.analysis import cost_table, eval_cost_points, plot_pareto
 from autocode4math.config import save_config
 from autocode4math.em import DevEval, TrainConfig, flatten_metrics, resolve_model, train
 from autocode4math.estep import EStepConfig
@@ -167,6 +169,8 @@ def run_demo(config: DemoConfig, progress: bool = True, overwrite: bool = False)
         name: evaluate(config, model, "toy:test", out / "test" / name, progress, overwrite)
         for name, model in finals.items()
     }
+    cost = eval_cost_points({LABELS.get(name, name): out / "test" / name for name in test})
+    plot_pareto(cost, out / "fig_cost_pareto.png", "toy test split: accuracy versus cost")
     sft_dev = None
     if "sft_rl" in curves:  # SFT+RL's iteration 0 is the SFT checkpoint on the same dev questions
         sft_dev = curves["sft_rl"][0]
@@ -181,6 +185,7 @@ def run_demo(config: DemoConfig, progress: bool = True, overwrite: bool = False)
         "test": test,
         "code_rate_phases": phases,
         "targets": targets(test),
+        "cost": cost,
     }
     write_json(out / "metrics.json", metrics)
     plot_all(metrics, out)
@@ -311,6 +316,8 @@ def render_report(metrics: dict[str, Any]) -> str:
     for name, t in metrics["targets"].items():
         figures = ", ".join(f"{k} {_pct(v) if isinstance(v, float) else v}" for k, v in t.items() if k != "met")
         lines.append(f"- {name}: {'met' if t['met'] else 'NOT met'} ({figures})")
+    if metrics.get("cost"):
+        lines += ["", "## Accuracy versus cost (test split)", "", *cost_table(metrics["cost"], "fig_cost_pareto.png")]
     lines += ["", "## Dev accuracy (auto) by iteration", "", "| method | iteration | generated tokens | auto |"]
     lines.append("|---|---|---|---|")
     for method, rows in metrics["curves"].items():

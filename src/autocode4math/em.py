@@ -35,13 +35,24 @@ from typing import Any
 from autocode4math.config import save_config
 from autocode4math.estep import NOT_IN_FINGERPRINT as ESTEP_NEUTRAL
 from autocode4math.estep import OUTPUTS as COLLECT_OUTPUTS
-from autocode4math.estep import EStepConfig, add_decision_tokens, advantages, decision_of, record_key, run_estep
+from autocode4math.estep import (
+    EStepConfig,
+    add_decision_tokens,
+    advantages,
+    backend_options,
+    decision_of,
+    record_key,
+    run_estep,
+)
 from autocode4math.evaluate import OUTPUTS as EVAL_OUTPUTS
 from autocode4math.fingerprint import Stage, file_digest, guard, mismatch, model_identity, problems_digest, settings_of
+from autocode4math.fleet import FleetConfig, Rollouts, open_engines
 from autocode4math.health import HealthConfig, check, reusable_records
 from autocode4math.io import JsonlAppender, read_json, read_jsonl, write_json, write_jsonl
+from autocode4math.launch import LaunchConfig, launch_mstep
 from autocode4math.mstep import NOT_IN_FINGERPRINT as MSTEP_NEUTRAL
 from autocode4math.mstep import MStepConfig, mstep_stage, run_mstep
+from autocode4math.prompts import MODES
 
 METHODS = ("em", "rl", "sft")
 CHECKPOINTS = Path(__file__).parent / "checkpoints"
@@ -65,6 +76,8 @@ class DevEval:
     def __post_init__(self) -> None:
         if self.every < 0:
             raise ValueError(f"every must be >= 0, got {self.every}")
+        if not self.modes or set(self.modes) - set(MODES):
+            raise ValueError(f"modes must be a non-empty subset of {MODES}, got {self.modes}")
 
 
 @dataclass
@@ -91,6 +104,10 @@ class TrainConfig:
     estep: EStepConfig = field(default_factory=EStepConfig)
     mstep: MStepConfig = field(default_factory=MStepConfig)
     eval: DevEval = field(default_factory=DevEval)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
+    """Where rollouts run (E-step, RL collection, dev evaluation): this process, or `--workers N` Ray actors."""
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    """How the M-step runs: in this process, or `--launch PRESET` under accelerate launch."""
     health: HealthConfig = field(default_factory=HealthConfig)
     """Tool-health alarms of every rollout stage (E-step, collection, dev evaluation)."""
 
@@ -103,6 +120,13 @@ class TrainConfig:
             raise ValueError("rl_samples must be >= 2 (the advantage is normalised within a query's group)")
         if self.sft_per_iteration < 1:
             raise ValueError(f"sft_per_iteration must be >= 1, got {self.sft_per_iteration}")
+        if self.estep.backend == "openai" and not self.fleet.server:
+            raise ValueError(
+                "training with backend openai needs fleet.server, a command that serves each iteration's policy "
+                "(e.g. 'vllm serve {model} --port {port}'): a server started by hand keeps the model it loaded"
+            )
+        if self.fleet.server and self.estep.backend != "openai":
+            raise ValueError("fleet.server starts an OpenAI-compatible server: set estep.backend=openai")
 
 
 def resolve_model(name: str) -> str:
@@ -152,27 +176,26 @@ def train(config: TrainConfig, progress: bool = True, overwrite: bool = False) -
         guard(stage, overwrite)
     save_config(config, run / "config.yaml")
     policy = resolve_model(config.model)
-    rows = []
-    if "0/eval" in plan:
-        rows.append(_evaluate_stage(state, plan["0/eval"], policy, config, 0, {"tokens": 0}, progress))
     spent = {"tokens": 0, "train_tokens": 0}
-    for it in range(1, config.iterations + 1):
-        collected = state.get(f"{it}/collect")
-        if collected is None:
-            collected = collect(config, policy, problems, plan[f"{it}/collect"], it, progress)
-            state.finish(f"{it}/collect", collected)
-        spent = {k: spent[k] + collected[k] for k in spent}
-        model = state.get(f"{it}/mstep")
-        if model is None:
-            stage, mstep_config = plan[f"{it}/mstep"], _mstep_config(config, it)
-            trained = run_mstep(
-                policy, collected["data"], mstep_config, stage.directory, progress=progress, fingerprint=stage.settings
-            )
-            model = str(trained)
-            state.finish(f"{it}/mstep", model)
-        policy = model
-        if f"{it}/eval" in plan:
-            rows.append(_evaluate_stage(state, plan[f"{it}/eval"], policy, config, it, spent, progress))
+    rows = []
+    with open_engines(config.fleet, config.estep.backend, backend_options(config.estep)) as engines:
+        if "0/eval" in plan:
+            rows.append(_evaluate_stage(state, plan["0/eval"], engines.rollouts(policy), config, 0, spent, progress))
+        for it in range(1, config.iterations + 1):
+            collected = state.get(f"{it}/collect")
+            if collected is None:
+                collected = collect(config, engines.rollouts(policy), problems, plan[f"{it}/collect"], it, progress)
+                state.finish(f"{it}/collect", collected)
+            spent = {k: spent[k] + collected[k] for k in spent}
+            model = state.get(f"{it}/mstep")
+            if model is None:
+                engines.release()  # the M-step may need the accelerators the engines hold
+                model = _update(config, policy, collected["data"], it, plan[f"{it}/mstep"], progress)
+                state.finish(f"{it}/mstep", model)
+            policy = model
+            if f"{it}/eval" in plan:
+                stage = plan[f"{it}/eval"]
+                rows.append(_evaluate_stage(state, stage, engines.rollouts(policy), config, it, spent, progress))
     write_jsonl(run / "metrics.jsonl", rows)
     write_json(run / "final.json", {"model": policy, "iterations": config.iterations, **spent})
     return rows
@@ -238,6 +261,14 @@ def _eval_stage(config: TrainConfig, directory: Path, model: str) -> Stage:
     return Stage(directory, "evaluation", settings, EVAL_OUTPUTS)
 
 
+def _update(config: TrainConfig, policy: str, data: str, it: int, stage: Stage, progress: bool) -> str:
+    """The M-step of iteration `it`: in this process, or under accelerate launch with the configured preset."""
+    mstep_config, out, fingerprint = _mstep_config(config, it), stage.directory, stage.settings
+    if config.launch.preset:
+        return str(launch_mstep(policy, data, mstep_config, out, config.launch, progress, fingerprint))
+    return str(run_mstep(policy, data, mstep_config, out, progress=progress, fingerprint=fingerprint))
+
+
 def _mstep_config(config: TrainConfig, iteration: int) -> MStepConfig:
     """Per-method M-step settings: rl has no decision term, sft the supervised objective; seeds vary by iteration."""
     changes: dict[str, Any] = {"seed": config.mstep.seed + iteration}
@@ -248,33 +279,37 @@ def _mstep_config(config: TrainConfig, iteration: int) -> MStepConfig:
     return dataclasses.replace(config.mstep, **changes)
 
 
-def collect(config: TrainConfig, policy: str, problems: list[Any], stage: Stage, it: int, progress: bool) -> dict:
-    """Build one iteration's training data; return {data: path, tokens: generated, train_tokens: trained}."""
+def collect(
+    config: TrainConfig, rollouts: Rollouts, problems: list[Any], stage: Stage, it: int, progress: bool
+) -> dict:
+    """Build one iteration's training data with the current policy's `rollouts` in the stage's directory.
+
+    Returns {data: path, tokens: generated, train_tokens: trained}.
+    """
     out = stage.directory
     out.mkdir(parents=True, exist_ok=True)
     if config.method == "em":
         estep = dataclasses.replace(config.estep, seed=config.estep.seed + it)
         summary = run_estep(
-            policy, problems, estep, out, progress=progress, fingerprint=stage.settings, health=config.health
+            rollouts, problems, estep, out, progress=progress, fingerprint=stage.settings, health=config.health
         )
         data = out / "train.jsonl"
         return {"data": str(data), "tokens": summary["generated_tokens"], "train_tokens": _train_tokens(data)}
     if config.method == "rl":
-        return collect_on_policy(config, policy, problems, out, it, progress)
-    return collect_sft(config, policy, out, it)
+        return collect_on_policy(config, rollouts, problems, out, it, progress)
+    return collect_sft(config, rollouts.policy, out, it)
 
 
 def collect_on_policy(
-    config: TrainConfig, policy: str, problems: list[Any], out: Path, it: int, progress: bool
+    config: TrainConfig, rollouts: Rollouts, problems: list[Any], out: Path, it: int, progress: bool
 ) -> dict:
     """On-policy rollouts of the current policy in auto mode; every rollout is a training record."""
-    from autocode4math.rollout import make_backend, make_requests, run_rollouts
+    from autocode4math.rollout import make_requests
 
     path = out / "rollouts.jsonl"
     done = reusable_records(path, record_key)
     requests = make_requests(problems, ["auto"], config.rl_samples, config.estep.prompt)
     todo = [r for r in requests if _request_key(r) not in done]
-    backend = make_backend(config.estep.backend, policy, **_backend_options(config))
     if todo:
         rollout = dataclasses.replace(config.estep.rollout, seed=config.estep.rollout.seed + it)
         with JsonlAppender(path) as sink:
@@ -283,7 +318,7 @@ def collect_on_policy(
                 sink.write(record)
                 done[record_key(record)] = record
 
-            run_rollouts(backend, todo, rollout, on_record=keep, progress=progress, prompt_config=config.estep.prompt)
+            rollouts.run(todo, rollout, on_record=keep, prompt_config=config.estep.prompt, progress=progress)
     records = [done[_request_key(r)] for r in requests]
     tools = check(records, config.health, f"the rl collection in {out}")
     code_prefix = config.estep.prompt.code_prefix
@@ -291,7 +326,7 @@ def collect_on_policy(
     train = []
     for record, a in zip(records, adv, strict=True):
         row = {**record, "c": decision_of(record, code_prefix), "advantage": a, "key": record_key(record)}
-        add_decision_tokens(row, backend.tokenizer, code_prefix + "\n", code_prefix)
+        add_decision_tokens(row, rollouts.tokenizer, code_prefix + "\n", code_prefix)
         train.append(row)
     data = out / "train.jsonl"
     write_jsonl(data, train)
@@ -364,19 +399,16 @@ def _request_key(request: Any) -> str:
     return f"{bench}/{mode}/{qid}/{sample}"
 
 
-def _backend_options(config: TrainConfig) -> dict[str, Any]:
-    return {"batch_size": config.estep.batch_size} if config.estep.backend == "hf" else {}
-
-
 def _evaluate_stage(
-    state: RunState, stage: Stage, policy: str, config: TrainConfig, it: int, spent: dict, progress: bool
+    state: RunState, stage: Stage, rollouts: Rollouts, config: TrainConfig, it: int, spent: dict, progress: bool
 ) -> dict[str, Any]:
-    """Evaluate `policy` on the dev set (resumable) and return this iteration's metrics row."""
+    """Evaluate the policy of `rollouts` on the dev set (resumable) and return this iteration's metrics row."""
     from autocode4math.evaluate import EvalConfig, run_eval
 
     out = stage.directory
     row = state.get(f"{it}/eval")
     if row is None:
+        policy = rollouts.policy
         ev = EvalConfig(
             model=policy,
             benchmarks=[config.eval.source],
@@ -391,7 +423,7 @@ def _evaluate_stage(
             prompt=config.estep.prompt,
             health=config.health,
         )
-        metrics = run_eval(ev, progress=progress, fingerprint=stage.settings)
+        metrics = run_eval(ev, rollouts=rollouts, progress=progress, fingerprint=stage.settings)
         row = {"iteration": it, "method": config.method, "model": policy, **spent, **flatten_metrics(metrics)}
         state.finish(f"{it}/eval", row)
     return row

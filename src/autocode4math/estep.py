@@ -283,10 +283,8 @@ def _key_of(record: dict[str, Any]) -> tuple:
     return (str(record["benchmark"]), record["mode"], str(record["id"]), record["sample"])
 
 
-def _run_missing(backend, requests, config, path: Path, partials, run_kwargs) -> list[dict[str, Any]]:
+def _run_missing(rollouts, requests, config, path: Path, partials, progress: bool) -> list[dict[str, Any]]:
     """Run the requests whose records are not yet in `path`; return all records of `requests`."""
-    from autocode4math.rollout.engine import run_rollouts
-
     done = reusable_records(path, _key_of)
     todo = [r for r in requests if r.key() not in done]
     if todo:
@@ -298,7 +296,7 @@ def _run_missing(backend, requests, config, path: Path, partials, run_kwargs) ->
                 out.write(record)
                 done[_key_of(record)] = record
 
-            run_rollouts(backend, todo, config.rollout, on_record=keep, prompt_config=config.prompt, **run_kwargs)
+            rollouts.run(todo, config.rollout, on_record=keep, prompt_config=config.prompt, progress=progress)
     return [done[r.key()] for r in requests if r.key() in done]
 
 
@@ -311,14 +309,21 @@ OUTPUTS = ("rollouts.jsonl", "train.jsonl", "audit.jsonl", "summary.json", "este
 def fingerprint_settings(model: Any, problems: Sequence[Any], config: EStepConfig) -> dict[str, Any]:
     """What determines a standalone E-step's output: its config, the queries and the model, by content.
 
-    A ready Backend object (tests, custom servers) is identified by its class name only.
+    The model is a checkpoint path, or the rollouts of a fleet (by their policy's path); a ready
+    Backend object (tests, custom servers) is identified by its class name only.
     """
-    identity = model_identity(str(model)) if isinstance(model, (str, Path)) else f"backend:{type(model).__name__}"
+    policy = model if isinstance(model, (str, Path)) else getattr(model, "policy", None)
+    identity = model_identity(str(policy)) if policy else f"backend:{type(model).__name__}"
     return {
         **settings_of(config, leave_out=NOT_IN_FINGERPRINT),
         "queries": problems_digest(problems),
         "model": identity,
     }
+
+
+def backend_options(config: EStepConfig) -> dict[str, Any]:
+    """Keyword arguments of `rollout.make_backend` for the E-step's backend."""
+    return {"batch_size": config.batch_size} if config.backend == "hf" else {}
 
 
 def run_estep(
@@ -336,8 +341,9 @@ def run_estep(
 ) -> dict[str, Any]:
     """Roll out, value and subsample; write rollouts.jsonl, train.jsonl, audit.jsonl, summary.json under out_dir.
 
-    `model` is a checkpoint path (loaded with `config.backend`) or a ready rollout Backend; `queries`
-    a list of Problems or a `benchmarks.load_problems` source. Rollouts are appended as they finish,
+    `model` is a checkpoint path (loaded here with `config.backend`), a ready rollout Backend, or the
+    rollouts of a fleet (`fleet.Rollouts`: anything with `run` and `tokenizer`); `queries` a list of
+    Problems or a `benchmarks.load_problems` source. Rollouts are appended as they finish,
     so running again after an interruption only generates what is missing. Rollouts made under
     another fingerprint (`fingerprint_settings`, or `fingerprint` from a caller that knows its inputs'
     identities) raise ResumeError, or are discarded with `overwrite`. The summary counts code calls and
@@ -346,6 +352,7 @@ def run_estep(
     """
     from autocode4math.benchmarks import load_problems
     from autocode4math.config import save_config
+    from autocode4math.fleet import as_rollouts
 
     problems = load_problems(queries, split="train") if isinstance(queries, str) else list(queries)
     if not problems:
@@ -353,23 +360,18 @@ def run_estep(
     out = Path(out_dir)
     guard(Stage(out, "E-step", fingerprint or fingerprint_settings(model, problems, config), OUTPUTS), overwrite)
     save_config(config, out / "estep_config.yaml")
-    backend = model
-    if isinstance(model, (str, Path)):
-        from autocode4math.rollout import make_backend
-
-        options = {"batch_size": config.batch_size} if config.backend == "hf" else {}
-        backend = make_backend(config.backend, str(model), **options)
-    kwargs = {"sandbox": sandbox, "grader": grader, "progress": progress}
-    records = _run_missing(backend, main_requests(problems, config), config, out / "rollouts.jsonl", {}, kwargs)
+    rollouts = as_rollouts(model, config.backend, backend_options(config), sandbox, grader)
+    path = out / "rollouts.jsonl"
+    records = _run_missing(rollouts, main_requests(problems, config), config, path, {}, progress)
     if config.mid_reasoning:
         by_id = {str(p.id): p for p in problems}
         reqs, partials = mid_requests(records, by_id, config)
-        records += _run_missing(backend, reqs, config, out / "rollouts.jsonl", partials, kwargs)
+        records += _run_missing(rollouts, reqs, config, path, partials, progress)
     tools = check(records, health or HealthConfig(check=False), f"the E-step in {out}")
     train, audit = subsample(records, config)
     code_text = config.prompt.code_prefix + "\n"
     for row in train:
-        add_decision_tokens(row, backend.tokenizer, code_text, config.prompt.code_prefix)
+        add_decision_tokens(row, rollouts.tokenizer, code_text, config.prompt.code_prefix)
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "audit.jsonl", audit)
     summary = {**_summary(records, train), "tools": tools}

@@ -8,7 +8,8 @@ Outputs in `out/`:
   whose model or sampling settings differ from the saved config.yaml is refused rather than mixed.
 - `metrics.json`: per benchmark and mode (accuracy with a 95% interval, code use, code calls,
   code error rate, tokens), the union bound and auto's selection accuracy (see analysis.py).
-- `report.md` and `plots/<benchmark>.png` (auto vs cot vs code vs union).
+- `report.md`, `plots/<benchmark>.png` (auto vs cot vs code vs union) and `plots/<benchmark>_cost.png`
+  (accuracy against generated tokens and against code calls, with the Pareto front).
 
 Sampling defaults follow the paper: greedy Pass@1, except AIME24 and AMC23 with 64 samples at
 temperature 0.6; `n` and `temperature` override both when given.
@@ -18,18 +19,28 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from autocode4math.analysis import CI_METHOD, all_metrics, breakdown, plot_benchmark
+from autocode4math.analysis import (
+    CI_METHOD,
+    all_metrics,
+    breakdown,
+    cost_points,
+    cost_table,
+    plot_benchmark,
+    plot_pareto,
+)
 from autocode4math.config import save_config
 from autocode4math.fingerprint import ResumeError, Stage, guard, model_identity, settings_of
+from autocode4math.fleet import FleetConfig, as_rollouts, open_engines
 from autocode4math.health import HealthConfig, alarms, check, reusable_records, tool_counts
 from autocode4math.io import JsonlAppender, read_done, write_json, write_jsonl
 from autocode4math.prompts import MODES, PromptConfig
-from autocode4math.rollout import BACKENDS, RolloutConfig, RolloutRequest, make_backend, make_requests, run_rollouts
+from autocode4math.rollout import BACKENDS, RolloutConfig, RolloutRequest, make_requests
 
 PAPER_SAMPLING = {"aime24": (64, 0.6), "amc23": (64, 0.6)}
 """(n, temperature) the paper uses per benchmark; every other benchmark is greedy with n=1."""
@@ -79,6 +90,8 @@ class EvalConfig:
     group_by: list[str] = field(default_factory=lambda: ["family", "subject", "level"])
     """Problem meta keys to break the analysis down by, where a benchmark has them (toy family, MATH subject)."""
     prompt: PromptConfig = field(default_factory=PromptConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
+    """Where the rollouts run: this process (workers=1) or a Ray fleet (`--workers N`, fleet.address)."""
     health: HealthConfig = field(default_factory=HealthConfig)
     """Tool-health alarms: stop (after writing the outputs) when the sandbox or grader broke."""
 
@@ -117,14 +130,26 @@ def _load(config: EvalConfig) -> dict[str, list[Any]]:
     return groups
 
 
-def _backend(config: EvalConfig) -> Any:
-    if not config.model:
-        raise ValueError("EvalConfig.model is empty: give --model PATH_OR_ID")
+def backend_options(config: EvalConfig) -> dict[str, Any]:
+    """Keyword arguments of `rollout.make_backend` for the evaluation's backend."""
     if config.backend == "hf":
-        return make_backend("hf", config.model, batch_size=config.batch_size)
+        return {"batch_size": config.batch_size}
     if config.backend == "openai":
-        return make_backend("openai", config.model, base_url=config.base_url, concurrency=config.concurrency)
-    return make_backend("vllm", config.model)
+        return {"base_url": config.base_url, "concurrency": config.concurrency}
+    return {}
+
+
+@contextmanager
+def _rollouts(config: EvalConfig, backend: Any, sandbox: Any, grader: Any, rollouts: Any) -> Iterator[Any]:
+    """The rollouts given, a given backend (and sandbox, grader) run here, or the engines `config.fleet` describes."""
+    if not config.model and rollouts is None and backend is None:
+        raise ValueError("EvalConfig.model is empty: give --model PATH_OR_ID")
+    if rollouts is not None or backend is not None or sandbox is not None or grader is not None:
+        options = backend_options(config)
+        yield rollouts or as_rollouts(backend or config.model, config.backend, options, sandbox, grader)
+        return
+    with open_engines(config.fleet, config.backend, backend_options(config)) as engines:
+        yield engines.rollouts(config.model)
 
 
 NOT_IN_FINGERPRINT = (
@@ -139,6 +164,7 @@ NOT_IN_FINGERPRINT = (
     "modes",
     "limit",
     "health",
+    "fleet",
 )
 """EvalConfig fields left out of the fingerprint: they cannot change a sample (output place, batching,
 serving) or only choose which samples are wanted (samples are kept per benchmark/mode/id/sample, and a
@@ -171,6 +197,7 @@ def run_eval(
     *,
     backend: Any = None,
     sandbox: Any = None,
+    rollouts: Any = None,
     progress: bool = True,
     overwrite: bool = False,
     fingerprint: dict[str, Any] | None = None,
@@ -178,12 +205,12 @@ def run_eval(
 ) -> dict[str, Any]:
     """Run (or resume) the evaluation; write samples, metrics, report and plots; return the metrics.
 
-    `backend`, `sandbox` and `grader` replace the ones built from the config (see run_rollouts).
-    A tool-health alarm (`config.health`) raises ToolHealthError after the outputs are written.
-
+    Trajectories run on `rollouts` when given (e.g. a training run's fleet), else on `backend` (and
+    `sandbox`, `grader`) in this process, else on the engines `config.fleet` describes.
     Samples made under another fingerprint (`fingerprint_settings`, or `fingerprint` when the caller
     knows the model's identity) or for a question that has changed raise ResumeError, or are
-    discarded with `overwrite`.
+    discarded with `overwrite`. A tool-health alarm (`config.health`) raises ToolHealthError after
+    the outputs are written.
     """
     out = Path(config.out)
     groups = _load(config)
@@ -207,7 +234,10 @@ def run_eval(
         )
         plan.append((bench, rollout, [r for r in requests if r.key() not in done]))
     if any(todo for _, _, todo in plan):
-        _generate(plan, config, backend, sandbox, grader, samples, progress)
+        with _rollouts(config, backend, sandbox, grader, rollouts) as runner, JsonlAppender(samples) as appender:
+            for _, rollout, todo in plan:
+                if todo:
+                    runner.run(todo, rollout, on_record=appender.write, prompt_config=config.prompt, progress=progress)
     records = [r for r in read_done(samples) if _key(r) in wanted]
     labels = group_labels(groups, config.group_by)
     metrics = write_outputs(records, config, out, {b: sampling_for(b, config) for b in groups}, labels)
@@ -243,32 +273,6 @@ def group_labels(groups: dict[str, list[Any]], keys: list[str]) -> dict[str, dic
     return out
 
 
-def _generate(plan, config: EvalConfig, backend: Any, sandbox: Any, grader: Any, samples: Path, progress: bool) -> None:
-    backend = backend or _backend(config)
-    own_pool = sandbox is None
-    if own_pool:
-        from autocode4math.sandbox import SandboxPool
-
-        sandbox = SandboxPool()
-    try:
-        with JsonlAppender(samples) as appender:
-            for _, rollout, todo in plan:
-                if todo:
-                    run_rollouts(
-                        backend,
-                        todo,
-                        rollout,
-                        on_record=appender.write,
-                        progress=progress,
-                        sandbox=sandbox,
-                        grader=grader,
-                        prompt_config=config.prompt,
-                    )
-    finally:
-        if own_pool:
-            sandbox.close()
-
-
 def write_outputs(
     records: list[dict[str, Any]],
     config: EvalConfig,
@@ -276,8 +280,9 @@ def write_outputs(
     sampling: dict[str, tuple[int, float]],
     labels: dict[str, dict[str, dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
-    """metrics.json, report.md, one PNG per benchmark, and the table on the terminal."""
+    """metrics.json, report.md, two PNGs per benchmark, and the table on the terminal."""
     benchmarks = all_metrics(records)
+    cost = {bench: cost_points({config.model: m}) for bench, m in benchmarks.items()}
     metrics = {
         "model": config.model,
         "ci_method": CI_METHOD,
@@ -288,10 +293,12 @@ def write_outputs(
             bench: {key: breakdown([r for r in records if r["benchmark"] == bench], ids) for key, ids in by_key.items()}
             for bench, by_key in (labels or {}).items()
         },
+        "cost": cost,
     }
     write_json(out / "metrics.json", metrics)
     for bench, m in benchmarks.items():
         plot_benchmark(bench, m, out / "plots" / f"{bench}.png")
+        plot_pareto(cost[bench], out / "plots" / f"{bench}_cost.png", f"{bench}: accuracy versus cost")
     (out / "report.md").write_text(render_report(metrics), encoding="utf-8")
     print_table(metrics)
     return metrics
@@ -310,6 +317,7 @@ def _rows(m: dict[str, Any]) -> list[list[str]]:
             f"{_pct(v['ci_low'])}-{_pct(v['ci_high'])}",
             _pct(v["code_use_rate"]),
             f"{v['mean_code_calls']:.2f}",
+            "-" if v.get("mean_sandbox_s") is None else f"{v['mean_sandbox_s']:.3f}",
             _pct(v["code_error_rate"]),
             f"{v['mean_tokens']:.0f}",
         ]
@@ -317,7 +325,7 @@ def _rows(m: dict[str, Any]) -> list[list[str]]:
     ]
 
 
-HEADER = ["mode", "n", "acc %", "95% CI", "code %", "calls", "err %", "tokens"]
+HEADER = ["mode", "n", "acc %", "95% CI", "code %", "calls", "sandbox s", "err %", "tokens"]
 
 
 def tool_lines(m: dict[str, Any]) -> list[str]:
@@ -360,6 +368,9 @@ def render_report(metrics: dict[str, Any]) -> str:
         summary = _summary(m)
         lines += ["", summary, ""] if summary else [""]
         lines += [f"![{bench}](plots/{bench}.png)", ""]
+        if metrics.get("cost", {}).get(bench):
+            lines += [f"### {bench}: accuracy versus cost", ""]
+            lines += [*cost_table(metrics["cost"][bench], f"plots/{bench}_cost.png"), ""]
         for key, table in metrics.get("breakdown", {}).get(bench, {}).items():
             lines += [f"### {bench} by {key}", "", *breakdown_table(table), ""]
     lines += [
@@ -367,8 +378,10 @@ def render_report(metrics: dict[str, Any]) -> str:
         "",
         f"- Accuracy: mean correctness over all samples; 95% interval: {metrics['ci_method']}.",
         "- n: samples; code %: share of samples that executed at least one code block; calls: mean executed code"
-        " blocks per sample; err %: share of executed blocks whose status is not ok; tokens: mean model-generated"
-        " tokens.",
+        " blocks per sample; sandbox s: mean seconds the sandbox ran a sample's code; err %: share of executed"
+        " blocks whose status is not ok; tokens: mean model-generated tokens (tool output excluded).",
+        "- Per question (/ q): the mean over samples, i.e. the cost of answering a question once. Pareto front:"
+        " no other mode or model is at least as accurate for at most the same tokens (or code calls).",
         "- tools: executed code blocks by sandbox status (sandbox_error: the sandbox itself failed, not the code) and"
         " samples by grading status (timeout or error: the grader failed; such a sample counts as wrong).",
         "- Union bound: mean over questions of max(cot solve rate, code solve rate).",

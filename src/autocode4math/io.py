@@ -22,8 +22,12 @@ class DataError(ValueError):
     """A data file is malformed; the message names the file and, where known, the line."""
 
 
-def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Yield one dict per non-blank line; raise DataError naming `path:line` on any bad line."""
+def read_jsonl(path: str | Path, torn_tail_ok: bool = False) -> Iterator[dict[str, Any]]:
+    """Yield one dict per non-blank line; raise DataError naming `path:line` on any bad line.
+
+    With `torn_tail_ok`, an unparsable last line without its newline (a writer is still appending, or
+    was killed mid-line) ends the file instead; the file is left as it is.
+    """
     path = Path(path)
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -32,6 +36,8 @@ def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
+                if torn_tail_ok and not line.endswith("\n"):
+                    return
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")

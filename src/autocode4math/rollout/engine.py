@@ -248,7 +248,8 @@ def _after_generation(t: _Trajectory, gen: Generation, config: RolloutConfig) ->
 
 def _insert_output(t: _Trajectory, code: str, result: Any, tokenizer: Any, config: RolloutConfig) -> None:
     text = "\n" + result.feedback() + "\n```\n"
-    t.code_blocks.append({"code": code, "status": result.status, "output": result.stdout, "error": result.error})
+    block = {"code": code, "status": result.status, "output": result.stdout, "error": result.error}
+    t.code_blocks.append({**block, "duration_s": result.duration_s})
     t.append(encode(tokenizer, text), text, "tool")
     if len(t.response_ids) >= config.max_new_tokens:
         t.finish_reason = "length"
@@ -264,6 +265,7 @@ def _record(t: _Trajectory, grade: Any) -> dict[str, Any]:
         "sample": r.sample,
         "question": p.question,
         "answer": p.answer,
+        "meta": dict(getattr(p, "meta", None) or {}),
         "prompt": t.prompt,
         "prefix": r.prefix,
         "response": t.response,
