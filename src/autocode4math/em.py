@@ -170,10 +170,11 @@ def train(config: TrainConfig, progress: bool = True, overwrite: bool = False) -
     problems = load_problems(config.queries, split="train", limit=config.queries_limit)
     plan = stage_plan(config, run, problems)
     state = RunState(run)
-    for key, stage in plan.items():
+    for key, stage in plan.items():  # stages not started yet record theirs when they start
         if overwrite and mismatch(stage) is not None:
             state.forget(key)  # first, so a kill now leaves the stage to be redone
-        guard(stage, overwrite)
+        if stage.directory.exists():
+            guard(stage, overwrite)
     save_config(config, run / "config.yaml")
     policy = resolve_model(config.model)
     spent = {"tokens": 0, "train_tokens": 0}
@@ -264,6 +265,7 @@ def _eval_stage(config: TrainConfig, directory: Path, model: str) -> Stage:
 def _update(config: TrainConfig, policy: str, data: str, it: int, stage: Stage, progress: bool) -> str:
     """The M-step of iteration `it`: in this process, or under accelerate launch with the configured preset."""
     mstep_config, out, fingerprint = _mstep_config(config, it), stage.directory, stage.settings
+    guard(stage)  # before a launched child writes its files there
     if config.launch.preset:
         return str(launch_mstep(policy, data, mstep_config, out, config.launch, progress, fingerprint))
     return str(run_mstep(policy, data, mstep_config, out, progress=progress, fingerprint=fingerprint))
@@ -287,7 +289,7 @@ def collect(
     Returns {data: path, tokens: generated, train_tokens: trained}.
     """
     out = stage.directory
-    out.mkdir(parents=True, exist_ok=True)
+    guard(stage)
     if config.method == "em":
         estep = dataclasses.replace(config.estep, seed=config.estep.seed + it)
         summary = run_estep(

@@ -26,11 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from autocode4math.grading import GRADE_STATUSES
 from autocode4math.io import read_done, write_jsonl
-
-CODE_STATUSES = ("ok", "error", "timeout", "memory", "exited", "killed", "crashed", "dead", "sandbox_error")
-"""Statuses of an executed code block (the engine's `not_run` blocks are not calls)."""
-GRADE_STATUSES = ("ok", "timeout", "error")
+from autocode4math.sandbox import STATUSES as CODE_STATUSES
 
 
 @dataclass
