@@ -162,6 +162,40 @@ def test_eval_page_data_matches_the_samples(runs):
         assert bool(row["flags"] & FLAG_WRONG_CHOICE) == (mode == "auto" and qid in wrong_choice)
 
 
+def test_disagreements_are_per_benchmark(tmp_path):
+    """Two benchmarks may share question ids: cot and code are compared within each benchmark."""
+
+    def rec(bench, mode, correct, used_code=False):
+        return {
+            "id": "1",
+            "benchmark": bench,
+            "mode": mode,
+            "sample": 0,
+            "question": f"{bench}?",
+            "answer": 1,
+            "prefix": "",
+            "response": "r",
+            "code_blocks": [],
+            "correct": correct,
+            "used_code": used_code,
+        }
+
+    records = [rec("a", "cot", True), rec("a", "code", False), rec("a", "auto", False, used_code=True)]
+    records += [rec("b", "cot", True), rec("b", "code", True), rec("b", "auto", True, used_code=True)]
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    data = page_data([tmp_path])
+    flags = {(data["questions"][r["q"]][0], data["strings"][r["mode"]]): r["flags"] for r in rows_of(data)}
+    # a: cot beats code, and auto used code -> decisive, and auto chose the worse; b: a tie -> nothing
+    assert flags == {
+        ("a", "cot"): FLAG_DECISIVE,
+        ("a", "code"): FLAG_DECISIVE,
+        ("a", "auto"): FLAG_DECISIVE | FLAG_WRONG_CHOICE,
+        ("b", "cot"): 0,
+        ("b", "code"): 0,
+        ("b", "auto"): 0,
+    }
+
+
 def test_estep_page_data_shows_the_audit_subsample_and_advantages(runs):
     run = runs["estep"]
     rollouts = list(read_jsonl(run / "rollouts.jsonl"))

@@ -311,8 +311,9 @@ def plot_pareto(rows: Sequence[dict[str, Any]], path: str | Path, title: str) ->
         front = sorted((r[axis], 100 * r["accuracy"]) for r in rows if r[f"pareto_{axis}"])
         ax.plot(*zip(*front, strict=True), "--", color="gray", lw=1, label="Pareto front")
         ax.set(xlabel=label, ylabel="accuracy (%)")
+    short = [m if len(m) <= 32 else "…" + m[-31:] for m in models]  # model paths can be long
     handles = [
-        plt.Line2D([], [], color=colors[i % len(colors)], marker="o", ls="", label=m) for i, m in enumerate(models)
+        plt.Line2D([], [], color=colors[i % len(colors)], marker="o", ls="", label=m) for i, m in enumerate(short)
     ]
     handles += [plt.Line2D([], [], color="black", marker=mk, ls="", label=mode) for mode, mk in markers.items()]
     handles.append(plt.Line2D([], [], color="gray", ls="--", label="Pareto front"))

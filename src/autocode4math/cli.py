@@ -24,8 +24,10 @@ app = typer.Typer(
 )
 bench_app = typer.Typer(help="Benchmarks that print figures (throughput, latency, utilisation).", no_args_is_help=True)
 toy_app = typer.Typer(help="The embedded synthetic math world and its tiny models.", no_args_is_help=True)
+sandbox_app = typer.Typer(help="The code sandbox as a service.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 app.add_typer(toy_app, name="toy")
+app.add_typer(sandbox_app, name="sandbox")
 
 
 def _fail(message: str) -> NoReturn:
@@ -125,6 +127,37 @@ def bench_sandbox(
     print_sandbox_table(figures, layers)
     if as_json:
         typer.echo(json.dumps(figures))
+
+
+@sandbox_app.command("serve")
+@_user_errors
+def sandbox_serve(
+    host: str = typer.Option("", help="Address to bind (default 127.0.0.1; the server has no authentication)."),
+    port: int | None = typer.Option(None, help="TCP port (default 8100; 0: any free port, printed at start)."),
+    workers: int | None = typer.Option(None, help="Pool workers (default: one per CPU)."),
+    config: str = typer.Option("", help="YAML file with ServeConfig fields (sandbox limits under `sandbox:`)."),
+    overrides: list[str] = typer.Option([], "--set", help="Dotted overrides, e.g. --set sandbox.timeout_s=5."),
+) -> None:
+    """Serve the sandbox over HTTP: SandboxFusion's /run_code plus stateful sessions (docs/sandbox.md)."""
+    import signal
+    import threading
+
+    from autocode4math.sandbox import SandboxError
+    from autocode4math.sandbox_service import ServeConfig, start_server, stop_server
+
+    cfg = _config(ServeConfig, config, overrides, {"host": host, "port": port, "sandbox.workers": workers})
+    try:
+        server, _thread = start_server(cfg)
+    except (OSError, SandboxError) as e:
+        _fail(f"cannot serve on {cfg.host}:{cfg.port}: {e}")
+    bound_host, bound_port = server.server_address[:2]
+    typer.echo(f"sandbox server listening on http://{bound_host}:{bound_port}")
+    typer.echo("isolation layers: " + ", ".join(server.service.pool.layers))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    stop_server(server)
 
 
 # --- benchmarks and grading (grade) ---

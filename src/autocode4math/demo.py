@@ -32,6 +32,7 @@ from autocode4math.fingerprint import Stage, guard, settings_of
 from autocode4math.io import read_jsonl, write_json
 from autocode4math.mstep import MStepConfig
 from autocode4math.rollout import RolloutConfig
+from autocode4math.sandbox import SandboxConfig
 
 NOT_IN_FINGERPRINT = ("out", "methods", "batch_size")
 """DemoConfig fields that cannot change any part's results (each method is a part of its own)."""
@@ -66,6 +67,8 @@ class DemoConfig:
     batch_size: int = 64
     seed: int = 0
     methods: list[str] = field(default_factory=lambda: ["em", "base_rl", "sft_rl", "sft"])
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    """Where and under which limits model code runs (e.g. `--set sandbox.url=http://host:8100`)."""
 
     def __post_init__(self) -> None:
         unknown = set(self.methods) - set(LABELS)
@@ -96,6 +99,7 @@ def train_config(config: DemoConfig, method: str) -> TrainConfig:
         iterations=config.iterations,
         out=str(Path(config.out) / method),
         rl_samples=2 * config.k,
+        sandbox=config.sandbox,
         estep=EStepConfig(
             k=config.k,
             per_query=config.per_query,
@@ -142,6 +146,7 @@ def evaluate(
         max_new_tokens=config.max_new_tokens,
         batch_size=config.batch_size,
         max_active=256,
+        sandbox=config.sandbox,
     )
     return flatten_metrics(run_eval(ev, progress=progress, overwrite=overwrite))
 

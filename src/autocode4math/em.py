@@ -45,7 +45,16 @@ from autocode4math.estep import (
     run_estep,
 )
 from autocode4math.evaluate import OUTPUTS as EVAL_OUTPUTS
-from autocode4math.fingerprint import Stage, file_digest, guard, mismatch, model_identity, problems_digest, settings_of
+from autocode4math.fingerprint import (
+    SANDBOX_PLACEMENT,
+    Stage,
+    file_digest,
+    guard,
+    mismatch,
+    model_identity,
+    problems_digest,
+    settings_of,
+)
 from autocode4math.fleet import FleetConfig, Rollouts, open_engines
 from autocode4math.health import HealthConfig, check, reusable_records
 from autocode4math.io import JsonlAppender, read_json, read_jsonl, write_json, write_jsonl
@@ -53,6 +62,7 @@ from autocode4math.launch import LaunchConfig, launch_mstep
 from autocode4math.mstep import NOT_IN_FINGERPRINT as MSTEP_NEUTRAL
 from autocode4math.mstep import MStepConfig, mstep_stage, run_mstep
 from autocode4math.prompts import MODES
+from autocode4math.sandbox import SandboxConfig
 
 METHODS = ("em", "rl", "sft")
 CHECKPOINTS = Path(__file__).parent / "checkpoints"
@@ -108,6 +118,8 @@ class TrainConfig:
     """Where rollouts run (E-step, RL collection, dev evaluation): this process, or `--workers N` Ray actors."""
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     """How the M-step runs: in this process, or `--launch PRESET` under accelerate launch."""
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    """Where and under which limits model code runs, in every stage (e.g. `--set sandbox.url=http://host:8100`)."""
     health: HealthConfig = field(default_factory=HealthConfig)
     """Tool-health alarms of every rollout stage (E-step, collection, dev evaluation)."""
 
@@ -120,6 +132,8 @@ class TrainConfig:
             raise ValueError("rl_samples must be >= 2 (the advantage is normalised within a query's group)")
         if self.sft_per_iteration < 1:
             raise ValueError(f"sft_per_iteration must be >= 1, got {self.sft_per_iteration}")
+        if self.estep.sandbox != SandboxConfig():
+            raise ValueError("set the run's sandbox with sandbox.* (it serves every stage), not estep.sandbox.*")
         if self.estep.backend == "openai" and not self.fleet.server:
             raise ValueError(
                 "training with backend openai needs fleet.server, a command that serves each iteration's policy "
@@ -179,7 +193,7 @@ def train(config: TrainConfig, progress: bool = True, overwrite: bool = False) -
     policy = resolve_model(config.model)
     spent = {"tokens": 0, "train_tokens": 0}
     rows = []
-    with open_engines(config.fleet, config.estep.backend, backend_options(config.estep)) as engines:
+    with open_engines(config.fleet, config.estep.backend, backend_options(config.estep), config.sandbox) as engines:
         if "0/eval" in plan:
             rows.append(_evaluate_stage(state, plan["0/eval"], engines.rollouts(policy), config, 0, spent, progress))
         for it in range(1, config.iterations + 1):
@@ -243,13 +257,19 @@ RL_USES = ("rollout", "prompt", "backend", "adv_eps")
 
 def _collect_settings(config: TrainConfig) -> dict[str, Any]:
     """The settings a method's data collection depends on (besides iteration, queries and model)."""
-    if config.method == "em":
-        return settings_of(config.estep, "estep.", ESTEP_NEUTRAL)
+    if config.method == "em":  # the run's engines use the top-level sandbox, not estep.sandbox
+        return {**settings_of(config.estep, "estep.", (*ESTEP_NEUTRAL, "sandbox")), **_sandbox_limits(config)}
     if config.method == "rl":
         unused = [f.name for f in dataclasses.fields(EStepConfig) if f.name not in RL_USES]
-        return {"rl_samples": config.rl_samples, **settings_of(config.estep, "estep.", [*unused, *ESTEP_NEUTRAL])}
+        estep = settings_of(config.estep, "estep.", [*unused, *ESTEP_NEUTRAL])
+        return {"rl_samples": config.rl_samples, **estep, **_sandbox_limits(config)}
     data = file_digest(config.sft_data) if config.sft_data else "toy sft corpus"
     return {"sft_data": data, "sft_per_iteration": config.sft_per_iteration}
+
+
+def _sandbox_limits(config: TrainConfig) -> dict[str, Any]:
+    """The run's sandbox settings that can change what a code block returns (`sandbox.timeout_s`, ...)."""
+    return {k: v for k, v in settings_of(config, leave_out=SANDBOX_PLACEMENT).items() if k.startswith("sandbox.")}
 
 
 def _eval_stage(config: TrainConfig, directory: Path, model: str) -> Stage:
@@ -257,6 +277,7 @@ def _eval_stage(config: TrainConfig, directory: Path, model: str) -> Stage:
         **settings_of(config.eval, "eval.", ("batch_size", "every")),
         "estep.backend": config.estep.backend,
         **settings_of(config.estep.prompt, "estep.prompt."),
+        **_sandbox_limits(config),
         "model": model,
     }
     return Stage(directory, "evaluation", settings, EVAL_OUTPUTS)
@@ -423,6 +444,7 @@ def _evaluate_stage(
             batch_size=config.eval.batch_size,
             backend=config.estep.backend,
             prompt=config.estep.prompt,
+            sandbox=config.sandbox,
             health=config.health,
         )
         metrics = run_eval(ev, rollouts=rollouts, progress=progress, fingerprint=stage.settings)

@@ -32,11 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from autocode4math.fingerprint import Stage, guard, model_identity, problems_digest, settings_of
+from autocode4math.fingerprint import SANDBOX_PLACEMENT, Stage, guard, model_identity, problems_digest, settings_of
 from autocode4math.health import HealthConfig, check, reusable_records
 from autocode4math.io import JsonlAppender, write_json, write_jsonl
 from autocode4math.prompts import PromptConfig
 from autocode4math.rollout.engine import RolloutConfig, RolloutRequest, encode
+from autocode4math.sandbox import SandboxConfig, open_sandbox
 
 MID_OFFSET = 10_000
 """Sample indices of mid-reasoning continuations start here, so their keys never clash with the rest."""
@@ -78,6 +79,8 @@ class EStepConfig:
     """Sampling of the rollouts (the paper: temperature 1.0, top-p 0.9)."""
     prompt: PromptConfig = field(default_factory=PromptConfig)
     """Prompt template and code prefix."""
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    """Where and under which limits model code runs (e.g. `--set sandbox.url=http://host:8100`, `sandbox.timeout_s`)."""
 
     def __post_init__(self) -> None:
         for name in ("k", "per_query", "n_auto", "mid_per_query", "mid_k", "batch_size"):
@@ -300,8 +303,8 @@ def _run_missing(rollouts, requests, config, path: Path, partials, progress: boo
     return [done[r.key()] for r in requests if r.key() in done]
 
 
-NOT_IN_FINGERPRINT = ("batch_size", "rollout.max_active")
-"""EStepConfig fields that cannot change the E-step's output (how many rows are generated together)."""
+NOT_IN_FINGERPRINT = ("batch_size", "rollout.max_active", *SANDBOX_PLACEMENT)
+"""EStepConfig fields that cannot change the E-step's output (batching; where and how the sandbox runs)."""
 OUTPUTS = ("rollouts.jsonl", "train.jsonl", "audit.jsonl", "summary.json", "estep_config.yaml", "*.tmp")
 """What the E-step (and the baselines' data collection) writes in its directory."""
 
@@ -360,13 +363,19 @@ def run_estep(
     out = Path(out_dir)
     guard(Stage(out, "E-step", fingerprint or fingerprint_settings(model, problems, config), OUTPUTS), overwrite)
     save_config(config, out / "estep_config.yaml")
-    rollouts = as_rollouts(model, config.backend, backend_options(config), sandbox, grader)
-    path = out / "rollouts.jsonl"
-    records = _run_missing(rollouts, main_requests(problems, config), config, path, {}, progress)
-    if config.mid_reasoning:
-        by_id = {str(p.id): p for p in problems}
-        reqs, partials = mid_requests(records, by_id, config)
-        records += _run_missing(rollouts, reqs, config, path, partials, progress)
+    own_sandbox = sandbox is None and not (hasattr(model, "run") and hasattr(model, "tokenizer"))
+    sandbox = open_sandbox(config.sandbox) if own_sandbox else sandbox
+    try:
+        rollouts = as_rollouts(model, config.backend, backend_options(config), sandbox, grader)
+        path = out / "rollouts.jsonl"
+        records = _run_missing(rollouts, main_requests(problems, config), config, path, {}, progress)
+        if config.mid_reasoning:
+            by_id = {str(p.id): p for p in problems}
+            reqs, partials = mid_requests(records, by_id, config)
+            records += _run_missing(rollouts, reqs, config, path, partials, progress)
+    finally:
+        if own_sandbox:
+            sandbox.close()
     tools = check(records, health or HealthConfig(check=False), f"the E-step in {out}")
     train, audit = subsample(records, config)
     code_text = config.prompt.code_prefix + "\n"

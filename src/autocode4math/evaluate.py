@@ -35,12 +35,13 @@ from autocode4math.analysis import (
     plot_pareto,
 )
 from autocode4math.config import save_config
-from autocode4math.fingerprint import ResumeError, Stage, guard, model_identity, settings_of
+from autocode4math.fingerprint import SANDBOX_PLACEMENT, ResumeError, Stage, guard, model_identity, settings_of
 from autocode4math.fleet import FleetConfig, as_rollouts, open_engines
 from autocode4math.health import HealthConfig, alarms, check, reusable_records, tool_counts
 from autocode4math.io import JsonlAppender, read_done, write_json, write_jsonl
 from autocode4math.prompts import MODES, PromptConfig
 from autocode4math.rollout import BACKENDS, RolloutConfig, RolloutRequest, make_requests
+from autocode4math.sandbox import SandboxConfig
 
 PAPER_SAMPLING = {"aime24": (64, 0.6), "amc23": (64, 0.6)}
 """(n, temperature) the paper uses per benchmark; every other benchmark is greedy with n=1."""
@@ -92,6 +93,8 @@ class EvalConfig:
     prompt: PromptConfig = field(default_factory=PromptConfig)
     fleet: FleetConfig = field(default_factory=FleetConfig)
     """Where the rollouts run: this process (workers=1) or a Ray fleet (`--workers N`, fleet.address)."""
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    """Where and under which limits model code runs (e.g. `--set sandbox.url=http://host:8100`, `sandbox.timeout_s`)."""
     health: HealthConfig = field(default_factory=HealthConfig)
     """Tool-health alarms: stop (after writing the outputs) when the sandbox or grader broke."""
 
@@ -148,7 +151,7 @@ def _rollouts(config: EvalConfig, backend: Any, sandbox: Any, grader: Any, rollo
         options = backend_options(config)
         yield rollouts or as_rollouts(backend or config.model, config.backend, options, sandbox, grader)
         return
-    with open_engines(config.fleet, config.backend, backend_options(config)) as engines:
+    with open_engines(config.fleet, config.backend, backend_options(config), config.sandbox) as engines:
         yield engines.rollouts(config.model)
 
 
@@ -165,10 +168,12 @@ NOT_IN_FINGERPRINT = (
     "limit",
     "health",
     "fleet",
+    *SANDBOX_PLACEMENT,
 )
 """EvalConfig fields left out of the fingerprint: they cannot change a sample (output place, batching,
-serving) or only choose which samples are wanted (samples are kept per benchmark/mode/id/sample, and a
-reused sample must have the question and answer the benchmark has now)."""
+serving, where the sandbox runs; its limits do count) or only choose which samples are wanted
+(samples are kept per benchmark/mode/id/sample, and a reused sample must have the question and
+answer the benchmark has now)."""
 OUTPUTS = ("samples.jsonl", "metrics.json", "report.md", "plots", "config.yaml", "*.tmp")
 """What an evaluation writes in its directory."""
 

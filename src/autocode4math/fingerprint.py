@@ -40,6 +40,10 @@ from autocode4math.io import read_json, write_json
 FILE = "fingerprint.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 """Files of a checkpoint directory whose content `model_identity` hashes (besides config.json)."""
+SANDBOX_PLACEMENT = tuple(
+    f"sandbox.{name}" for name in ("workers", "prefork", "url", "namespaces", "landlock", "start_timeout_s")
+)
+"""Sandbox settings that say where and how isolated code runs, not what a block returns (its limits do count)."""
 SHOWN = 8
 """Differing settings named in a ResumeError message before "and N more"."""
 

@@ -36,7 +36,7 @@ resources (the placement group's own behaviour).
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import os
 import queue
 import sys
@@ -112,14 +112,16 @@ class EngineSpec:
     threads: int = 0
     """torch threads of the engine's process (0: leave as is)."""
     sandbox_workers: int = 0
-    """Sandbox pool threads (0: one per CPU)."""
+    """Sandbox pool threads unless the sandbox config sets them (0: one per CPU)."""
+    sandbox: Any = None
+    """A `sandbox.SandboxConfig` (None: defaults): a local pool on the engine's node, or a sandbox server by URL."""
 
 
 class Engine:
     """One rollout engine serving one policy at a time, with its own sandbox pool: what a worker owns."""
 
     def __init__(self, spec: EngineSpec) -> None:
-        from autocode4math.sandbox import SandboxPool
+        from autocode4math.sandbox import SandboxConfig, open_sandbox
 
         if spec.threads:
             import torch
@@ -129,7 +131,8 @@ class Engine:
         self.policy: str | None = None
         self.backend: Any = None
         self.server: Any = None
-        self.pool = SandboxPool(workers=spec.sandbox_workers or None)
+        sandbox = spec.sandbox or SandboxConfig()
+        self.pool = open_sandbox(dataclasses.replace(sandbox, workers=sandbox.workers or spec.sandbox_workers))
 
     def pid(self) -> int:
         return os.getpid()
@@ -394,6 +397,8 @@ class Fleet:
         self.config, self.spec = config, spec
         self.workers: list[Any] = []
         self.deaths: list[int] = []
+        self.lost: set[int] = set()
+        """Workers Ray gave up on (restarts used up, or their engine cannot start)."""
         self._group: Any = None
         self._own_ray = False
         self._tokenizers: dict[str, Any] = {}
@@ -408,18 +413,21 @@ class Fleet:
             self._tokenizers[policy] = AutoTokenizer.from_pretrained(self.spec.options.get("tokenizer") or policy)
         return self._tokenizers[policy]
 
+    def _alive(self) -> list[Any]:
+        return [w for i, w in enumerate(self._start()) if i not in self.lost]
+
     def worker_pids(self) -> list[int]:
         """Process ids of the live workers (for tests and operators)."""
-        return _ray().get([w.pid.remote() for w in self._start()])
+        return _ray().get([w.pid.remote() for w in self._alive()])
 
     def serve(self, policy: str) -> None:
         """Have every worker load `policy` now (shards would also load it on arrival)."""
-        _ray().get([w.serve.remote(policy) for w in self._start()])
+        _ray().get([w.serve.remote(policy) for w in self._alive()])
 
     def release(self) -> None:
         """Free every worker's accelerator (before an M-step that needs the GPUs); the next run loads again."""
         if self.workers:
-            _ray().get([w.release.remote() for w in self.workers])
+            _ray().get([w.release.remote() for w in self._alive()])
 
     def run(
         self,
@@ -437,23 +445,27 @@ class Fleet:
         workers = self._start()
         todo = deque(shards(requests, self.config.shard_size))
         seen: set[tuple] = set()
-        idle = list(range(len(workers)))
+        idle = [w for w in range(len(workers)) if w not in self.lost]
         running: dict[Any, tuple[int, list[RolloutRequest] | None]] = {}  # a shard's stream, or None: a probe
-        with fleet_progress(len(requests), len(workers), enabled=progress) as advance:
+        why = ""
+        with fleet_progress(len(requests), len(idle), enabled=progress) as advance:
             while todo or running:
                 while todo and idle:
                     w, shard = idle.pop(0), todo.popleft()
                     call = workers[w].stream.options(num_returns="streaming")
                     running[call.remote(policy, shard, config, prompt_config)] = (w, shard)
                 if not running:
-                    raise FleetError(f"every rollout worker died; {len(seen)} records were kept: run again to resume")
+                    raise FleetError(f"every rollout worker died ({why}); {len(seen)} records kept: rerun to resume")
                 (ref,), _ = ray.wait(list(running), num_returns=1)
                 w, shard = running[ref]
                 if shard is None:  # a dead worker's probe answered: Ray restarted it, or gave it up
                     del running[ref]
-                    with contextlib.suppress(ray.exceptions.RayActorError):
+                    try:
                         ray.get(ref)
                         idle.append(w)
+                    except ray.exceptions.RayActorError as e:
+                        self.lost.add(w)
+                        why = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
                     continue
                 try:
                     record = ray.get(next(ref))
@@ -480,7 +492,11 @@ class Fleet:
             return self.workers
         ray = _ray()
         if not ray.is_initialized():
-            ray.init(address=self.config.address or None, include_dashboard=False, log_to_driver=False)
+            try:
+                ray.init(address=self.config.address or None, include_dashboard=False, log_to_driver=False)
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                where = f"the Ray cluster at {self.config.address!r}" if self.config.address else "a local Ray cluster"
+                raise FleetError(f"cannot start or join {where}: {e} (a cluster: `ray start --head`)") from None
             self._own_ray = True
         gpus, cpus = self._shape(ray.cluster_resources())
         self._group = self._place(ray, {"CPU": cpus, **({"GPU": gpus} if gpus else {})})
@@ -489,7 +505,7 @@ class Fleet:
         options = dict(self.spec.options)
         if self.spec.backend == "vllm" and gpus > 1:
             options["tensor_parallel_size"] = gpus
-        spec = EngineSpec(self.spec.backend, options, self.spec.server, self.spec.server_timeout_s, gpus, cpus, cpus)
+        spec = dataclasses.replace(self.spec, options=options, gpus=gpus, threads=cpus, sandbox_workers=cpus)
         actor = ray.remote(Engine)
         for i in range(self.config.workers):
             place = PlacementGroupSchedulingStrategy(self._group, placement_group_bundle_index=i)
@@ -548,9 +564,14 @@ class Fleet:
         self.close()
 
 
-def open_engines(config: FleetConfig, backend: str, options: dict[str, Any]) -> LocalEngines | Fleet:
-    """The engines a stage's rollouts run on: a Ray fleet when `config` asks for one, else this process."""
-    spec = EngineSpec(backend, dict(options), config.server, config.server_timeout_s)
+def open_engines(
+    config: FleetConfig, backend: str, options: dict[str, Any], sandbox: Any = None
+) -> LocalEngines | Fleet:
+    """The engines a stage's rollouts run on: a Ray fleet when `config` asks for one, else this process.
+
+    `sandbox` is the `SandboxConfig` every engine opens its sandbox with (`sandbox.open_sandbox`).
+    """
+    spec = EngineSpec(backend, dict(options), config.server, config.server_timeout_s, sandbox=sandbox)
     if config.server and backend != "openai":
         raise FleetError(f"fleet.server starts an OpenAI-compatible server: use it with backend openai, not {backend}")
     return Fleet(config, spec) if config.distributed else LocalEngines(spec, config.shard_size)

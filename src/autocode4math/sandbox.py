@@ -379,7 +379,9 @@ class SandboxPool:
         """(Re)start the template; called with the lock held."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         src = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = dict(_SAFE_ENV, PYTHONPATH=src, PYTHONDONTWRITEBYTECODE="1")
+        env = dict(
+            _SAFE_ENV, PYTHONPATH=src, PYTHONDONTWRITEBYTECODE="1", AUTOCODE_THP=os.environ.get("AUTOCODE_THP", "1")
+        )
         cmd = [sys.executable, "-m", "autocode4math.sandbox_worker", str(child.fileno())]
         self._template = subprocess.Popen(cmd, env=env, pass_fds=[child.fileno()], cwd=self._base,
                                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)  # fmt: skip

@@ -14,8 +14,10 @@ leave open (pathname unix sockets, the keyring, new namespaces, io_uring, xattrs
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
+import resource
 import socket
 import struct
 import sys
@@ -117,8 +119,6 @@ def private_namespaces(uid: int | None, scratch_mb: int, scratch_files: int, has
 
 def apply_limits(memory_mb: int, fsize_mb: int, max_processes: int, cpu_s: int) -> list[str]:
     """rlimits: address space on top of the template, file size, process count, no core files, CPU."""
-    import resource
-
     limits = {
         resource.RLIMIT_AS: _vm_size_bytes() + memory_mb * 2**20,
         resource.RLIMIT_FSIZE: fsize_mb * 2**20,
@@ -272,14 +272,20 @@ def seccomp_program(arch: str, deny_times: bool) -> list[tuple[int, int, int, in
     return prog
 
 
+@functools.cache
+def seccomp_bytes(deny_times: bool) -> bytes:
+    """The filter of `seccomp_program` for this machine, packed (b"" if unsupported); the template caches it."""
+    prog = seccomp_program(platform.machine(), deny_times)
+    return b"".join(struct.pack("HBBI", *ins) for ins in prog) if prog is not None else b""
+
+
 def seccomp_filter(deny_times: bool) -> list[str]:
     """Install the filter of `seccomp_program` (needs no_new_privs, set by the caller); [] if unsupported."""
-    prog = seccomp_program(platform.machine(), deny_times)
-    if prog is None:
+    raw = seccomp_bytes(deny_times)
+    if not raw:
         return []
-    raw = b"".join(struct.pack("HBBI", *ins) for ins in prog)
     buf = ctypes.create_string_buffer(raw, len(raw))
-    fprog = struct.pack("HxxxxxxP", len(prog), ctypes.addressof(buf))
+    fprog = struct.pack("HxxxxxxP", len(raw) // 8, ctypes.addressof(buf))
     fbuf = ctypes.create_string_buffer(fprog, len(fprog))
     if _libc.prctl(PR_SET_SECCOMP, 2, fbuf, 0, 0) != 0:
         return []

@@ -183,8 +183,10 @@ def load_source(source: Source, root: Path) -> dict[str, Any]:
         r["_c"] = decision_of(r, code_prefix)
     source.records = records
     audit: dict[str, list[Any]] = {}
-    if source.kind == "eval":
-        _flag_choices(records, _mode_rates(records, "cot"), _mode_rates(records, "code"), lambda r: r["mode"] == "auto")
+    if source.kind == "eval":  # question ids are unique within a benchmark only
+        for bench in {str(r["benchmark"]) for r in records}:
+            group = [r for r in records if str(r["benchmark"]) == bench]
+            _flag_choices(group, _mode_rates(group, "cot"), _mode_rates(group, "code"), lambda r: r["mode"] == "auto")
         return audit
     q = q_values(records, code_prefix)
     rates0 = {k: v[0] for k, v in q.items() if v[0] is not None}
