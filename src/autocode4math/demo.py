@@ -28,13 +28,13 @@ from autocode4math.analysis import cost_table, eval_cost_points, plot_pareto
 from autocode4math.config import save_config
 from autocode4math.em import DevEval, TrainConfig, flatten_metrics, resolve_model, train
 from autocode4math.estep import EStepConfig
-from autocode4math.fingerprint import Stage, guard, settings_of
+from autocode4math.fingerprint import SANDBOX_PLACEMENT, Stage, guard, settings_of
 from autocode4math.io import read_jsonl, write_json
 from autocode4math.mstep import MStepConfig
 from autocode4math.rollout import RolloutConfig
 from autocode4math.sandbox import SandboxConfig
 
-NOT_IN_FINGERPRINT = ("out", "methods", "batch_size")
+NOT_IN_FINGERPRINT = ("out", "methods", "batch_size", *SANDBOX_PLACEMENT)
 """DemoConfig fields that cannot change any part's results (each method is a part of its own)."""
 OUTPUTS = ("demo_config.yaml", "metrics.json", "report.md", "fig*.png", "em", "base_rl", "sft_rl", "sft", "test")
 """What the demo writes in its directory."""
