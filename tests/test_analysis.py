@@ -20,6 +20,7 @@ from autocode4math.analysis import (
     selection_accuracy,
     union_bound,
 )
+from autocode4math.prompts import CODE_PREFIX
 
 
 def rec(q, mode, correct, used_code=False, sample=0, blocks=(), tokens=10, finish="answer", seconds=None):
@@ -34,6 +35,8 @@ def rec(q, mode, correct, used_code=False, sample=0, blocks=(), tokens=10, finis
         "code_blocks": [{"status": s, **({} if seconds is None else {"duration_s": seconds})} for s in blocks],
         "n_generated_tokens": tokens,
         "finish_reason": finish,
+        "prefix": CODE_PREFIX + "\n" if mode == "code" else "",
+        "response": "```python\nprint(1)\n```" if used_code else "It is 1.",
     }
 
 

@@ -115,7 +115,7 @@ def test_duplicate_ids_are_an_error(tmp_path):
 
 
 def test_missing_file_and_unsupported_type(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no such file"):
+    with pytest.raises(DataError, match="nope.jsonl: no such file"):
         load_problems(str(tmp_path / "nope.jsonl"))
     other = tmp_path / "x.csv"
     other.write_text("question,answer\n")
@@ -131,7 +131,7 @@ def test_toy_split_loads_normalised_rows(tmp_path, monkeypatch):
     [p] = load_problems("toy", split="dev")
     assert p == Problem("t0", "2+3?", 5, "toy", {"family": "add", "difficulty": 1})
     assert load_problems("toy:dev") == [p]  # the split named in the source, as eval's --benchmarks takes it
-    with pytest.raises(FileNotFoundError, match="toy split 'test'"):
+    with pytest.raises(DataError, match="toy split 'test'"):
         load_problems("toy", split="test")
     with pytest.raises(ValueError, match="toy split must be one of"):
         load_problems("toy", split="validation")
@@ -149,3 +149,114 @@ def test_hf_dataset_ids_go_through_datasets(monkeypatch):
     [p] = load_problems("someone/some-set", split="train", answer_field="solution")
     assert calls == [("someone/some-set", "train")]
     assert (p.id, p.answer, p.benchmark) == ("someone/some-set-1", "\\boxed{1}", "someone/some-set")
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_a_worked_solution_without_an_answer_field_gives_its_boxed_answer_with_a_warning(tmp_path):
+    rows = [
+        {"problem": "1+1?", "solution": "Add them: $1+1=\\boxed{2}$."},
+        {"problem": "Half of 3?", "solution": "First \\boxed{1}, no: it is $\\boxed{\\frac{3}{2}}$."},
+        {"problem": "Pair?", "solution": "The pair is \\boxed{(1, 2)}."},
+    ]
+    path = _write_jsonl(tmp_path / "math.jsonl", rows)
+    with pytest.warns(UserWarning, match=r"math: no answer field; .*\\boxed\{\} of its 'solution' field"):
+        problems = load_problems(path)
+    assert [p.answer for p in problems] == ["2", "\\frac{3}{2}", "(1, 2)"]  # the last box, never the solution
+    assert [p.meta["solution"] for p in problems] == [r["solution"] for r in rows]  # kept for the grader's checks
+    [explicit] = load_problems(path, answer_field="solution", limit=1)  # named by the user: taken as it is
+    assert explicit.answer == rows[0]["solution"]
+
+
+NO_BOX = r"no answer field, and the worked solution in field 'solution' has no \\boxed\{\} answer"
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"problem": "3?", "solution": "It is three."}, NO_BOX),
+        ({"problem": "3?", "solution": 3}, NO_BOX),
+        ({"problem": "3?", "steps": "\\boxed{3}"}, r"no answer field; looked for .*'solution'\]"),
+    ],
+)
+def test_a_row_without_a_gold_is_refused_naming_line_and_field(tmp_path, bad, message):
+    path = _write_jsonl(tmp_path / "m.jsonl", [{"problem": "1?", "solution": "\\boxed{1}"}, bad])
+    with pytest.raises(DataError, match=rf"m\.jsonl:2: {message}.*--answer-field"):
+        load_problems(path)
+
+
+@pytest.mark.parametrize(
+    "name, meant",
+    [("gsm9k", "gsm8k"), ("GSM8K", "gsm8k"), ("math-500", "math500"), ("aime2024", "aime24"), ("amc_23", "amc23"),
+     ("toyy", "toy"), ("olympiad_bench", "olympiadbench")],
+)  # fmt: skip
+def test_a_near_miss_of_a_shipped_name_is_an_error_before_any_hub_lookup(monkeypatch, name, meant):
+    datasets = pytest.importorskip("datasets")
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the Hub was tried")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_hub)
+    with pytest.raises(DataError, match=rf"unknown benchmark '{name}': did you mean {meant}\?"):
+        load_problems(name)
+
+
+@pytest.mark.parametrize(
+    "error", [ConnectionError("Couldn't reach 'x/y' on the Hub"), FileNotFoundError("Dataset 'x/y' doesn't exist"),
+              ValueError("Unknown split 'test'. Should be one of ['train'].")],
+)  # fmt: skip
+def test_a_hub_failure_is_a_data_error_naming_the_source(monkeypatch, error):
+    datasets = pytest.importorskip("datasets")
+
+    def failing(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(datasets, "load_dataset", failing)
+    with pytest.raises(DataError, match=rf"'x/y' is not a shipped benchmark .* failed: {str(error)[:12]}"):
+        load_problems("x/y")
+
+
+@pytest.mark.parametrize(
+    "text", ['[{"question": "a", "answer": "1"}, {"question": "b", "answer": "2"}]\n',
+             '[\n  {"question": "a", "answer": "1"},\n  {"question": "b", "answer": "2"}\n]\n'],
+)  # fmt: skip
+def test_a_json_array_in_a_jsonl_file_gets_a_hint(tmp_path, text):
+    path = tmp_path / "arr.jsonl"
+    path.write_text(text)
+    with pytest.raises(DataError, match=r"arr\.jsonl:1: .*JSON array: name it \.json, or write one object per line"):
+        load_problems(str(path))
+    fixed = tmp_path / "arr.json"
+    fixed.write_text(text)
+    assert [p.answer for p in load_problems(str(fixed))] == ["1", "2"]
+
+
+@pytest.mark.parametrize(
+    "line", ['{"question": "b", "answer": ', '{"question": "b", "answer": "2"', '{"question" "b"}']
+)
+def test_a_malformed_line_names_the_column_where_it_breaks(tmp_path, line):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"question": "a", "answer": "1"}\n' + line + "\n")
+    # the parser stops at the first character it cannot use: the end of a cut line, or the missing ':' (column 13)
+    column = 13 if line.startswith('{"question" "') else len(line) + 1
+    with pytest.raises(DataError, match=rf"bad\.jsonl:2: not valid JSON \(.*, column {column}\)"):
+        load_problems(str(path))
+    as_json = tmp_path / "bad.json"
+    as_json.write_text('[\n  {"question": "a", "answer": 1},\n  {"question" "b"}\n]')
+    with pytest.raises(DataError, match=r"bad\.json:3:15: not valid JSON"):  # 2 spaces of indent + column 13
+        load_problems(str(as_json))
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [({"question": 5, "answer": "1"}, "the question field 'question' holds int 5"),
+     ({"prompt": ["a"], "answer": "1"}, "the question field 'prompt' holds list"),
+     ({"problem": "", "answer": "1"}, "empty question in field 'problem'"),
+     ({"question": "a", "gold": None}, "empty answer in field 'gold'")],
+)  # fmt: skip
+def test_a_bad_value_names_its_field(tmp_path, row, message):
+    path = _write_jsonl(tmp_path / "rows.jsonl", [row])
+    with pytest.raises(DataError, match=rf"rows\.jsonl:1: {message}"):
+        load_problems(path)

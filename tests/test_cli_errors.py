@@ -42,7 +42,7 @@ def assert_usage_error(result, *needles: str) -> str:
         (["estep", *STAGE, "--set", "k=2.5"], "k", "2.5", "expected int"),
         (["estep", *STAGE, "--set", "rollout.top_p=x"], "rollout.top_p", "'x'", "expected float"),
         (["mstep", "--model", "m", "--data", "d", "--out", "o", "--set", "bf16=maybe"], "bf16", "'maybe'", "bool"),
-        (["mstep", "--model", "m", "--data", "d", "--out", "o", "--set", "epochs=1e0x"], "epochs", "'1e0x'", "int"),
+        (["mstep", "--model", "m", "--data", "d", "--out", "o", "--set", "epochs=1e0x"], "epochs", "'1e0x'", "float"),
         (["demo", "--set", "k=x"], "k", "'x'", "expected int"),
         (["demo", "--full", "--set", "lr=fast"], "lr", "'fast'", "expected float"),
         (["demo", "--set", "methods={em: 1}"], "methods", "{'em': 1}", "expected list"),
@@ -115,7 +115,7 @@ def test_typed_options_reach_the_config_as_values(monkeypatch):
     monkeypatch.setattr(
         demo, "run_demo", lambda cfg, **kw: seen.setdefault("demo", cfg) and {"seconds": 0, "targets": {}}
     )
-    monkeypatch.setattr(toymodel, "pretrain", lambda cfg, log: seen.setdefault("pretrain", cfg))
+    monkeypatch.setattr(toymodel, "pretrain", lambda cfg, log, overwrite: seen.setdefault("pretrain", cfg))
     odd = "runs/run #2: {a, b} [x]"
     for args in (
         ["train", "--out", odd, "--model", "yes", "--queries", "null", "--set", "out=ignored"],
@@ -128,3 +128,90 @@ def test_typed_options_reach_the_config_as_values(monkeypatch):
     assert (seen["train"].model, seen["train"].queries) == ("yes", "null")
     assert (seen["eval"].model, seen["eval"].benchmarks, seen["eval"].modes) == ("yes", ["toy"], ["cot"])
     assert seen["demo"].queries == 400 and seen["pretrain"].seed == 3  # --full's sizes kept under the typed --out
+
+
+def _no_hub(monkeypatch):
+    """Any attempt to load a model through transformers fails the test."""
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model load (and so a Hub lookup) was attempted")
+
+    for cls in (transformers.AutoTokenizer, transformers.AutoModelForCausalLM):
+        monkeypatch.setattr(cls, "from_pretrained", refuse)
+
+
+@pytest.mark.parametrize("model", ["./nope", "/no/such/ckpt", "runs/em/iter-01/model", "ckpts/x/", "~/no-such-ckpt"])
+@pytest.mark.parametrize(
+    "command",
+    [["eval", "--benchmarks", "toy", "--out", "o", "--model"], ["train", "--out", "o", "--model"],
+     ["estep", "--queries", "toy", "--out", "o", "--model"], ["mstep", "--data", "d.jsonl", "--out", "o", "--model"]],
+)  # fmt: skip
+def test_a_missing_model_directory_is_named_before_any_hub_lookup(tmp_path, monkeypatch, command, model):
+    monkeypatch.chdir(tmp_path)
+    _no_hub(monkeypatch)
+    assert_usage_error(run([*command, model]), f"model '{model}': directory does not exist", "toy-base")
+    assert not (tmp_path / "o").exists()  # nothing was written either
+
+
+@pytest.mark.parametrize(
+    ("command", "source"),
+    [(["eval", "--model", "toy-base", "--benchmarks"], "gsm9k"), (["eval", "--model", "toy-base", "--benchmarks"],
+     "toy,math-500"), (["train", "--model", "toy-base", "--queries"], "GSM8K"),
+     (["estep", "--model", "toy-base", "--out", "o", "--queries"], "aime2024")],
+)  # fmt: skip
+def test_an_unknown_benchmark_name_gets_did_you_mean(tmp_path, monkeypatch, command, source):
+    monkeypatch.chdir(tmp_path)
+    line = assert_usage_error(run([*command, source]), "unknown benchmark", "did you mean")
+    assert not (tmp_path / "o").exists(), line
+
+
+def test_bad_benchmark_files_are_one_line_errors_naming_file_and_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    files = {
+        "arr.jsonl": ('[{"question": "a", "answer": "1"}]\n', "arr.jsonl:1: ", "JSON array"),
+        "cut.jsonl": ('{"question": "a", "answer": "1"}\n{"question": "b", "ans\n', "cut.jsonl:2: ", "column 19"),
+        "noq.jsonl": ('{"q": "a", "answer": "1"}\n', "noq.jsonl:1: no question field", "--question-field"),
+        "sol.jsonl": ('{"problem": "a", "solution": "no box"}\n', "sol.jsonl:1: no answer field", "--answer-field"),
+    }
+    for name, (text, *needles) in files.items():
+        (tmp_path / name).write_text(text)
+        for command in (["eval", "--model", "toy-base", "--benchmark-file"], ["train", "--queries"]):
+            assert_usage_error(run([*command, name]), *needles)
+    assert_usage_error(run(["eval", "--model", "toy-base", "--benchmark-file", "gone.jsonl"]), "gone.jsonl: no such")
+
+
+def test_field_options_reach_the_loader(tmp_path, monkeypatch):
+    import autocode4math.em as em
+    import autocode4math.evaluate as evaluate
+
+    seen = {}
+    monkeypatch.setattr(em, "train", lambda cfg: seen.setdefault("train", cfg) and [])
+    monkeypatch.setattr(evaluate, "run_eval", lambda cfg: seen.setdefault("eval", cfg))
+    names = ["--question-field", "text", "--answer-field", "gold", "--id-field", "key"]
+    assert run(["eval", "--model", "m", "--benchmark-file", "f.jsonl", *names]).exit_code == 0
+    assert run(["train", "--queries", "f.jsonl", *names]).exit_code == 0
+    for cfg in seen.values():
+        assert (cfg.fields.question, cfg.fields.answer, cfg.fields.id) == ("text", "gold", "key")
+    rows = tmp_path / "mine.jsonl"
+    rows.write_text('{"text": "1+1?", "gold": "2", "key": "k1"}\n')
+    result = run(["estep", "--model", "./nope", "--queries", str(rows), "--out", "o", *names[:2]])
+    assert_usage_error(result, "directory does not exist")  # the fields were accepted; the model comes first
+
+
+@pytest.mark.parametrize("stage", ["base", "sft"])
+def test_toy_pretrain_never_replaces_a_checkpoint_by_accident(tmp_path, monkeypatch, stage):
+    """The README's `autocode toy pretrain --stage base` used to overwrite the shipped toy-base (1,000 steps)."""
+    from autocode4math.rollout import SHIPPED_CHECKPOINTS
+
+    monkeypatch.chdir(tmp_path)
+    shipped = SHIPPED_CHECKPOINTS / f"toy-{stage}"
+    before = (shipped / "model.safetensors").stat().st_mtime_ns
+    for args in (["--out-dir", str(shipped)], ["--set", f"out_dir={shipped}"]):
+        result = run(["toy", "pretrain", "--stage", stage, *args])
+        assert_usage_error(result, "already holds a checkpoint", "--overwrite")
+    assert (shipped / "model.safetensors").stat().st_mtime_ns == before
+    mine = tmp_path / "runs" / f"toy-{stage}"
+    mine.mkdir(parents=True)
+    (mine / "config.json").write_text("{}")  # the default output directory, from an earlier run
+    assert_usage_error(run(["toy", "pretrain", "--stage", stage]), f"runs/toy-{stage} already holds a checkpoint")

@@ -71,8 +71,33 @@ def test_code_rate_phases_reads_unprompted_rollouts(tmp_path):
     assert code_rate_phases(tmp_path, trained)["trained (test)"] == [1.0, 0.0]
 
 
-def test_every_method_makes_the_same_number_of_trajectory_passes():
-    cfg = DemoConfig(k=4, per_query=4, epochs=2)
-    em, rl = train_config(cfg, "em"), train_config(cfg, "base_rl")
-    assert em.mstep.epochs * cfg.per_query == rl.mstep.epochs * 2 * cfg.k == 8
-    assert rl.rl_samples == 2 * cfg.k and train_config(cfg, "sft_rl").model == "toy-sft"
+def _passes(mstep, n: int) -> int:
+    """Trajectory passes of an M-step over `n` training records, counted from mstep's own step plan."""
+    from autocode4math.mstep import Sample, step_plan
+
+    samples = [Sample(ids=[1] * (2 + i % 5), start=1, mask=[1] * (1 + i % 5), advantage=0.0, c=0, decision=[],
+                      n_decision=0, correct=False, used_code=False, key=str(i)) for i in range(n)]  # fmt: skip
+    total, batches_for = step_plan(samples, mstep, 1, 0)
+    return sum(len(batch) for step in range(total) for batch in batches_for(step))
+
+
+@pytest.mark.parametrize("queries, micro_batch_size", [(5, 16), (13, 3), (7, 4)])
+def test_every_method_makes_the_same_number_of_trajectory_passes_at_every_size(queries, micro_batch_size):
+    """EM trains on queries x per_query records, RL on queries x 2k; both make exactly EM's passes."""
+    for k in range(1, 9):
+        for per_query in range(1, 2 * k + 1):
+            for epochs in (1, 2, 3):
+                cfg = DemoConfig(queries=queries, k=k, per_query=per_query, epochs=epochs,
+                                 micro_batch_size=micro_batch_size)  # fmt: skip
+                em, rl = train_config(cfg, "em"), train_config(cfg, "base_rl")
+                em_passes = _passes(em.mstep, queries * per_query)
+                rl_passes = _passes(rl.mstep, queries * rl.rl_samples)
+                assert em_passes == epochs * queries * per_query  # no micro-batch left out
+                assert rl_passes == em_passes, (k, per_query, epochs, em_passes, rl_passes)
+
+
+def test_full_demo_gives_the_baselines_em_s_passes_not_twice_them():
+    cfg = DemoConfig.full()  # k=8, per_query=4, epochs=2: 8 passes per query, RL has 16 rollouts per query
+    rl = train_config(cfg, "base_rl")
+    assert rl.rl_samples == 16 and train_config(cfg, "sft_rl").model == "toy-sft"
+    assert rl.mstep.epochs == 0.5 and _passes(rl.mstep, cfg.queries * 16) == 8 * cfg.queries

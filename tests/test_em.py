@@ -40,10 +40,6 @@ def _config(model: Path, out: Path, *extra: str) -> TrainConfig:
     return load_config(TrainConfig, None, [*FAST, f"model={model}", f"out={out}", *extra])
 
 
-def _keys(path: Path) -> list[str]:
-    return [f"{r['mode']}/{r['id']}/{r['sample']}" for r in read_jsonl(path)]
-
-
 @pytest.mark.slow
 def test_em_loop_runs_every_stage_and_a_rerun_redoes_nothing(tiny_model_dir, tmp_path):
     cfg = _config(tiny_model_dir, tmp_path / "run", "iterations=2")
@@ -229,3 +225,26 @@ def test_overwrite_redoes_only_the_stages_whose_settings_changed(tiny_model_dir,
     train(_config(same, run, "iterations=1", "eval.every=0", "mstep.lr=1e-3"), progress=False)
     with pytest.raises(ResumeError, match=r"iter-01/collect .*model: \"sha256:"):
         train(_config(tiny_model_factory(seed=1), run, "iterations=1", "eval.every=0", "mstep.lr=1e-3"), progress=False)
+
+
+def test_sft_records_train_exactly_the_model_written_tokens():
+    """The stop string is the model's (trained); the tool's output, from its newline to the closing fence, is not."""
+    import re
+
+    from transformers import AutoTokenizer
+
+    from autocode4math.em import toy_sft_records
+    from autocode4math.rollout import SHIPPED_CHECKPOINTS
+
+    policy = str(SHIPPED_CHECKPOINTS / "toy-base")
+    tok = AutoTokenizer.from_pretrained(policy)
+    rows = toy_sft_records(policy, 24)
+    assert any(r["used_code"] for r in rows) and not all(r["used_code"] for r in rows)
+    for r in rows:
+        masked = tok.decode([t for t, m in zip(r["response_ids"], r["response_mask"], strict=True) if not m])
+        tool_outputs = re.findall(r"```output(\n.*?\n```\n)", r["response"], flags=re.DOTALL)
+        assert masked == "".join(tool_outputs)
+        trained = tok.decode([t for t, m in zip(r["response_ids"], r["response_mask"], strict=True) if m])
+        assert trained.count("```output") == r["response"].count("```output") == len(tool_outputs)
+        assert r["response_ids"][-1] == tok.eos_token_id and r["response_mask"][-1] == 1
+        assert r["c"] == int(r["used_code"] or (r["prefix"] + r["response"]).startswith("Let's first analyze"))

@@ -67,6 +67,43 @@ def test_decision_is_prefix_or_executed_code():
     assert decision_of(rec("q", "code", 0, True, prefix="First.\n" + CP), CODE_PREFIX) == 1  # mid-reasoning
 
 
+@pytest.mark.parametrize(
+    "record, c, decision_term",
+    [
+        (rec("q", "auto", 0, True), 0, "pushes the prefix down"),  # plain text, no code
+        (rec("q", "auto", 0, True, used_code=True, response="```python\nprint(1)\n```"), 1, "none"),  # unprompted
+        (rec("q", "code", 0, True, used_code=True), 1, "pulls the prefix up"),  # forced prefix, code ran
+        (rec("q", "code", 0, True), 1, "pulls the prefix up"),  # forced prefix, the model declined code
+        (rec("q", "auto", 0, True, response=CP + "Easy: \\boxed{1}."), 1, "none"),  # wrote the prefix, ran no code
+        (rec("q", "auto", 0, True, response="  " + CP + "```python\n1\n```"), 1, "none"),  # wrote it, ran code
+        (rec("q", "code", 0, True, prefix="We add.\n" + CP), 1, "pulls the prefix up"),  # mid-reasoning, forced
+        (rec("q", "auto", 0, True, response="We add.\n" + CP), 0, "pushes the prefix down"),  # prefix not at the start
+    ],
+)
+def test_one_code_decision_for_e_step_m_step_and_analysis(record, c, decision_term, tiny_tokenizer):
+    """decision_of decides c; the decision term never pushes down a prefix the trajectory itself holds."""
+    assert decision_of(record, CODE_PREFIX) == c
+    row = {**record, "c": c}
+    add_decision_tokens(row, tiny_tokenizer, CP, CODE_PREFIX)
+    has_term = bool(row["decision_ids"])
+    assert {"none": not has_term, "pulls the prefix up": has_term and c == 1,
+            "pushes the prefix down": has_term and c == 0}[decision_term]  # fmt: skip
+    wrote_prefix = (row["prefix"] + row["response"]).lstrip().startswith(CODE_PREFIX)
+    assert not (has_term and c == 0 and wrote_prefix)
+
+
+def test_the_e_step_and_the_analysis_count_a_written_prefix_as_c1():
+    from autocode4math.analysis import selection_accuracy
+
+    written = rec("a", "auto", 9, True, response=CP + "It is \\boxed{1}.")
+    rows = query("a", [1, 0], [1, 1]) + [written]
+    assert q_values(rows, CODE_PREFIX)["a"] == {0: 0.5, 1: 1.0}  # 1 of 2 plain; 2 forced + the written one
+    assert code_prior(rows, 0.0) == {"a": pytest.approx(1 / 3)}  # 1 of the 3 unforced auto rollouts chose code
+    cot, code = [rec("a", "cot", 0, False)], [rec("a", "code", 0, True)]  # code is the better mode for "a"
+    assert selection_accuracy([written], cot, code)["selection_accuracy"] == 1.0
+    assert selection_accuracy([rec("a", "auto", 0, True)], cot, code)["selection_accuracy"] == 0.0
+
+
 def test_q_values_hand_counts():
     # c=0: plain rollouts 1,0,0,1 -> 2/4; c=1: prefix rollouts 1,1,1,0 plus one unprompted code user (1) -> 4/5.
     rows = query("a", [1, 0, 0, 1], [1, 1, 1, 0], plain_code=[1]) + query("b", [0, 0], [])

@@ -204,3 +204,21 @@ def test_breakdown_by_a_meta_key(tmp_path, tiny_tokenizer, pool):
     assert table["odd"]["n_questions"] == 2 and table["odd"]["union"] == 1.0
     assert "### fam by family" in (tmp_path / "run" / "report.md").read_text()
     assert "subject" not in metrics["breakdown"]["fam"]
+
+
+def test_eval_takes_a_shipped_checkpoint_by_name_and_warns_about_template_and_context(tmp_path, pool):
+    """toy-base resolves as in `train`; it has no chat template and 512 positions, so both warnings fire."""
+    from autocode4math.rollout import SHIPPED_CHECKPOINTS
+
+    toy = tmp_path / "toy.jsonl"
+    toy.write_text(json.dumps({"id": "t", "question": "What is 2 + 3?", "answer": "5"}) + "\n")
+    cfg = EvalConfig(model="toy-base", benchmarks=[], benchmark_files=[str(toy)], modes=["cot"], max_new_tokens=600)
+    cfg = replace(cfg, out=str(tmp_path / "e"))
+    with pytest.warns(UserWarning) as caught:
+        metrics = run_eval(cfg, sandbox=pool, progress=False)
+    messages = [str(w.message) for w in caught]
+    assert any("no chat template: prompts use the plain template" in m for m in messages), messages
+    assert any("goes past the model's 512 positions" in m for m in messages), messages
+    assert metrics["model"] == str(SHIPPED_CHECKPOINTS / "toy-base")
+    [record] = read_jsonl(tmp_path / "e" / "samples.jsonl")
+    assert record["n_prompt_tokens"] + len(record["response_ids"]) <= 512

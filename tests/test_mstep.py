@@ -23,6 +23,7 @@ from autocode4math.mstep import (
     micro_batches,
     policy_loss,
     run_mstep,
+    step_plan,
     token_logps,
 )
 from autocode4math.prompts import CODE_PREFIX
@@ -159,6 +160,45 @@ def test_micro_batches_cover_every_sample_once_and_are_seeded():
     assert sorted(i for b in plan for i in b) == list(range(23))
     assert plan == micro_batches(samples, 4, 2, seed=1, epoch=0)
     assert plan != micro_batches(samples, 4, 2, seed=1, epoch=1)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("n, size, grad_accum", [(23, 4, 1), (23, 4, 2), (30, 3, 3), (17, 1, 4), (9, 2, 1)])
+def test_step_plan_trains_every_micro_batch_of_every_epoch(n, size, grad_accum, world):
+    """An epoch's leftover micro-batches are trained (they were dropped when steps_per_epoch rounded down)."""
+    samples = [_sample(range(k % 7 + 2), 1, [1] * (k % 7 + 1), key=str(k)) for k in range(n)]
+    for epochs in (1, 2, 3, 0.5, 1.75):
+        config = MStepConfig(micro_batch_size=size, grad_accum=grad_accum, epochs=epochs)
+        per_rank = [step_plan(samples, config, world, rank) for rank in range(world)]
+        total = per_rank[0][0]
+        seen = [0] * n
+        for step in range(total):
+            for _, batches_for in per_rank:
+                chunk = batches_for(step)
+                assert chunk and all(chunk), (step, chunk)  # every process has work at every step
+                for batch in chunk:
+                    for i in batch:
+                        seen[i] += 1
+        wanted = round(epochs * n)  # trajectories a pass of `epochs` makes
+        assert sum(seen) >= wanted and min(seen) >= math.floor(epochs)
+        if world == 1:  # a single process never needs filling: exactly the wanted passes, each sample once per epoch
+            assert sum(seen) == wanted and max(seen) <= math.ceil(epochs)
+            assert total == math.ceil(_micro_batch_count(n, size, epochs) / grad_accum)
+        else:  # a short last step is filled so that no process idles: at most one step's micro-batches more
+            assert sum(seen) - wanted < world * grad_accum * size
+
+
+def _micro_batch_count(n: int, size: int, epochs: float) -> int:
+    full, rest = divmod(round(epochs * n), n)
+    return full * math.ceil(n / size) + math.ceil(rest / size)
+
+
+def test_step_plan_refuses_too_few_micro_batches_and_honours_max_steps():
+    samples = [_sample([1, 2, 3], 1, [1, 1], key=str(k)) for k in range(5)]
+    with pytest.raises(ValueError, match="fewer than one optimizer step needs"):
+        step_plan(samples, MStepConfig(micro_batch_size=2, grad_accum=4), 1, 0)
+    total, batches_for = step_plan(samples, MStepConfig(micro_batch_size=2, max_steps=7), 1, 0)
+    assert total == 7 and sum(len(b) for s in range(7) for b in batches_for(s)) == 12  # 2+2+1, 2+2+1, 2+2 (3 epochs)
 
 
 def test_load_samples_names_the_bad_line(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from autocode4math.benchmarks import Problem
@@ -222,10 +224,21 @@ def test_cut_at_stop_keeps_the_completing_token(tiny_tokenizer):
     assert cut_at_stop(ids, tiny_tokenizer, "nope") == (ids, False)
 
 
-def test_request_seeds_differ_by_sample_and_round():
+def test_request_seeds_differ_by_sample_round_and_base_and_survive_a_restart():
+    import os
+    import subprocess
+    import sys
+
     seeds = {request_seed(0, ("b", "auto", "q", s), k) for s in range(8) for k in range(3)}
     assert len(seeds) == 24
-    assert request_seed(1, ("b", "auto", "q", 0), 0) == request_seed(1, ("b", "auto", "q", 0), 0)
+    key = ("b", "auto", "q", 0)
+    assert request_seed(1, key, 0) != request_seed(0, key, 0)
+    # a resumed job is a new interpreter with another string-hash seed: it must draw the same seeds
+    code = f"from autocode4math.rollout.engine import request_seed; print(request_seed(1, {key!r}, 0))"
+    for hash_seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert int(out.stdout) == request_seed(1, key, 0)
 
 
 @pytest.mark.parametrize(
@@ -241,3 +254,44 @@ def test_request_seeds_differ_by_sample_and_round():
 def test_config_checks(kwargs, match):
     with pytest.raises(ValueError, match=match):
         RolloutConfig(**kwargs)
+
+
+def test_resolve_model_finds_shipped_names_and_refuses_missing_paths(tmp_path, monkeypatch):
+    from autocode4math.config import ConfigError
+    from autocode4math.rollout import SHIPPED_CHECKPOINTS, resolve_model
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "em").mkdir(parents=True)
+    (tmp_path / "weights.bin").write_text("x")
+    assert resolve_model("toy-sft") == str(SHIPPED_CHECKPOINTS / "toy-sft")
+    assert resolve_model("runs/em") == "runs/em"  # an existing directory, as given
+    for hub_id in ("Qwen/Qwen2.5-Math-1.5B", "gpt2", "org/model-v1.5"):
+        assert resolve_model(hub_id) == hub_id  # left to the Hub
+    for path in ("./nope", "../nope", "/no/such/dir", "runs/em2", "runs/em/model", "a/b/c", "~/no-such-ckpt/"):
+        with pytest.raises(ConfigError, match=rf"model '{re.escape(path)}': directory does not exist"):
+            resolve_model(path)
+    with pytest.raises(ConfigError, match="is a file, not a checkpoint directory"):
+        resolve_model("weights.bin")
+    with pytest.raises(ConfigError, match="no model given"):
+        resolve_model("")
+    assert resolve_model("./served-name", "openai") == "./served-name"  # a served model's name, not a path
+
+
+@pytest.mark.parametrize(
+    "turns",
+    [[CODE_TURN, ANSWER_TURN], [ANSWER_TURN], [CODE_TURN, "Again.\n```python\nprint(1/0)\n```\n```output", ANSWER_TURN],
+     [CODE_PREFIX + "\n" + CODE_TURN, ANSWER_TURN]],
+)  # fmt: skip
+def test_a_written_response_gets_the_tokens_and_mask_the_engine_records(tiny_tokenizer, pool, turns):
+    """One implementation of which tokens are trained: replaying a finished response gives the rollout's own."""
+    from autocode4math.rollout.engine import response_tokens
+
+    (r,), _ = rollout(tiny_tokenizer, pool, by_rounds(turns))
+    replayed = response_tokens(tiny_tokenizer, r["response"], tiny_tokenizer.eos_token_id)
+    assert replayed == (r["response_ids"], r["response_mask"], r["segments"])
+    stop_ids = encode(tiny_tokenizer, "```output")
+    trained = [t for t, m in zip(r["response_ids"], r["response_mask"], strict=True) if m]
+    for k in range(r["n_code_calls"]):  # the model writes the stop string: its tokens are trained, not masked
+        assert r["segments"][2 * k]["kind"] == "model"
+        assert r["response_ids"][r["segments"][2 * k]["end"] - len(stop_ids) : r["segments"][2 * k]["end"]] == stop_ids
+    assert len(trained) == r["n_generated_tokens"]

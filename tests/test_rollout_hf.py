@@ -88,3 +88,21 @@ def test_plain_template_without_chat_template(tiny_model_factory):
 def test_loaded_model_needs_its_tokenizer(backend):
     with pytest.raises(ValueError, match="tokenizer"):
         HFBackend(backend.model)
+
+
+def test_a_budget_past_the_context_is_cut_to_fit_with_one_warning(backend):
+    """The same weights built for 48 positions: a 40-token budget after the prompt is cut at position 48."""
+    import copy
+
+    short = copy.deepcopy(backend.model)
+    short.config.max_position_embeddings = 48
+    capped = HFBackend(short, backend.tokenizer, device="cpu")
+    request = req(backend, "Question: 3 + 4 =\n", 40)  # greedy runs the full 40 tokens here (first test)
+    room = 48 - len(request.ids)
+    assert 0 < room < 40
+    (free,) = backend.generate([request], GREEDY)
+    with pytest.warns(UserWarning, match="capped at position 48") as caught:
+        (cut,) = capped.generate([request], GREEDY)
+        capped.generate([request], GREEDY)
+    assert len(caught) == 1  # once per backend
+    assert (cut.ids, cut.finish) == (free.ids[:room], "length")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -112,3 +113,20 @@ def test_exec_command_prints_json_last_line():
     assert out["status"] == "error" and out["stdout"] == "hello\n"
     assert out["error"].endswith("ZeroDivisionError: division by zero")
     assert set(out) >= {"status", "stdout", "error", "duration_s"}
+
+
+@pytest.mark.slow
+def test_bench_sandbox_reports_throughput_cpu_and_overheads():
+    from autocode4math.bench import bench_sandbox, sandbox_overheads
+
+    figures, layers = bench_sandbox(n=3, workers=2)
+    assert set(figures) == {"print", "sympy", "fractions", "print_reference", "sympy_reference", "fractions_reference"}
+    for name in ("print", "sympy", "fractions"):
+        pool, ref = figures[name], figures[f"{name}_reference"]
+        assert pool["exec_per_s"] > 0 and ref["exec_per_s"] > 0 and pool["cpu_ms"] > 0
+        assert pool["speedup"] == pytest.approx(pool["exec_per_s"] / ref["exec_per_s"])
+        assert pool["cpu_speedup"] == pytest.approx(min(2, os.cpu_count()) * ref["cpu_ms"] / pool["cpu_ms"])
+    assert "rlimits" in layers
+    parts = sandbox_overheads(n=2)
+    assert set(parts) == {"start_ms", "block_ms", "close_ms", "session_cpu_ms", "sympy_first_ms", "sympy_again_ms"}
+    assert parts["session_cpu_ms"] > 0 and parts["sympy_first_ms"] > parts["block_ms"]

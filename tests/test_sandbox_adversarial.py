@@ -1,7 +1,8 @@
 """Hostile code: each attack ends with the right status, and leaves no process, file or leak behind.
 
-Process checks scan /proc for processes owned by the session's uid (each session runs as its own uid
-when the tests run as root; otherwise the uid checks are skipped and only the statuses are checked).
+Process checks scan /proc for the session's processes: as root, those owned by the session's own uid;
+otherwise (sessions share our uid) those of the session's process group, which without root and its PID
+namespace the session names in host pids (an orphan that leaves the group is not covered without root).
 """
 
 from __future__ import annotations
@@ -52,12 +53,18 @@ def _procs_with_uid(uid: int) -> list[int]:
 
 
 def _run_fresh(pool: SandboxPool, code: str, setup: str = ""):
-    """Run `code` in a new session; return (result, uid, session) after checking the uid is the session's."""
+    """Run `code` in a new session; return (result, who, session), `who` naming the session's processes for _procs."""
     s = pool.open_session()
-    uid = int(pool.run(s, "import os\nos.getuid()").stdout)
+    who = _identity(pool, s)
     if setup:
         assert pool.run(s, setup).status == "ok"
-    return pool.run(s, code), uid, s
+    return pool.run(s, code), who, s
+
+
+def _identity(pool: SandboxPool, session: str) -> tuple[int, int]:
+    """(uid, process group) of a session, as the session itself reports them."""
+    uid, group = pool.run(session, "import os\nos.getuid(), os.getpgid(0)").stdout.strip("()\n").split(",")
+    return int(uid), int(group)
 
 
 def _fd_target(fd: str) -> str:
@@ -67,20 +74,33 @@ def _fd_target(fd: str) -> str:
         return ""  # the directory listing's own fd
 
 
-def _assert_gone(uid: int) -> None:
-    """No process of the session's uid is left (SIGKILL is asynchronous: allow the kernel a moment)."""
-    if ROOT:
-        assert uid >= UID_BASE
-        deadline = time.monotonic() + 3
-        while _procs_with_uid(uid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert _procs_with_uid(uid) == []
+def _procs(who: tuple[int, int]) -> list[int]:
+    """The session's processes (see the module docstring)."""
+    uid, group = who
+    return [pid for pid in _procs_with_uid(uid) if ROOT or _group_of(pid) == group]
+
+
+def _group_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[2])  # fields after the name: state, ppid, pgrp
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _assert_gone(who: tuple[int, int]) -> None:
+    """No process of the session is left (SIGKILL is asynchronous: allow the kernel a moment)."""
+    assert who[0] >= UID_BASE if ROOT else (who[0] == os.getuid() and who[1] > 1)
+    deadline = time.monotonic() + 3
+    while _procs(who) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _procs(who) == []
 
 
 def test_infinite_loop_times_out_and_dies(pool):
-    r, uid, s = _run_fresh(pool, "while True:\n    pass")
+    r, who, s = _run_fresh(pool, "while True:\n    pass")
     assert r.status == "timeout" and r.feedback() == "Timeout: execution exceeded 2 s"
-    _assert_gone(uid)
+    _assert_gone(who)
     later = pool.run(s, "1 + 1")
     assert later.status == "dead" and "timeout" in later.error
     pool.close_session(s)
@@ -91,21 +111,20 @@ def test_sigterm_ignoring_loop_and_its_children_die(pool):
         "import os, signal, subprocess\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
         "subprocess.Popen(['sleep', '300'], start_new_session=True)\nwhile True:\n    pass"
     )
-    r, uid, s = _run_fresh(pool, code)
+    r, who, s = _run_fresh(pool, code)
     assert r.status == "timeout"
-    _assert_gone(uid)
+    _assert_gone(who)
     pool.close_session(s)
 
 
 def test_orphaned_child_is_killed_on_close(pool):
     # a double fork with setsid: the grandchild leaves the process group and is orphaned
     code = "import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n        time.sleep(300)\n    os._exit(0)\n'parent done'"  # noqa: E501
-    r, uid, s = _run_fresh(pool, code)
+    r, who, s = _run_fresh(pool, code)
     assert (r.status, r.stdout) == ("ok", "'parent done'\n")
-    if ROOT:
-        assert len(_procs_with_uid(uid)) >= 2  # the session and the sleeping orphan
+    assert len(_procs(who)) >= (2 if ROOT else 1)  # the session, and as root the orphan (same uid, other group)
     pool.close_session(s)
-    _assert_gone(uid)
+    _assert_gone(who)
 
 
 @pytest.mark.parametrize(
@@ -119,10 +138,10 @@ def test_memory_bomb_is_a_memory_status_and_session_survives(pool, code):
 
 
 def test_fork_bomb_is_contained(pool):
-    r, uid, s = _run_fresh(pool, "import os\nwhile True:\n    os.fork()")
+    r, who, s = _run_fresh(pool, "import os\nwhile True:\n    os.fork()")
     assert r.status in ("error", "timeout")  # fork fails at the process limit (BlockingIOError) or time runs out
     pool.close_session(s)
-    _assert_gone(uid)
+    _assert_gone(who)
     s = pool.open_session()
     assert pool.run(s, "'machine fine'").stdout == "'machine fine'\n"
     pool.close_session(s)
@@ -137,19 +156,19 @@ def test_huge_output_is_truncated_head_and_tail(pool):
 
 
 def test_endless_print_loop_times_out_with_bounded_output(pool):
-    r, uid, s = _run_fresh(pool, "i = 0\nwhile True:\n    print('spam', i)\n    i += 1")
+    r, who, s = _run_fresh(pool, "i = 0\nwhile True:\n    print('spam', i)\n    i += 1")
     assert r.status == "timeout"
     assert r.stdout.startswith("spam 0\nspam 1\n") and "output cut" in r.stdout and len(r.stdout) < 2200
-    _assert_gone(uid)
+    _assert_gone(who)
     pool.close_session(s)
 
 
 def test_segfault_is_a_crash_status(pool):
-    r, uid, s = _run_fresh(pool, "import ctypes\nctypes.string_at(0)")
+    r, who, s = _run_fresh(pool, "import ctypes\nctypes.string_at(0)")
     assert r.status == "crashed" and "SIGSEGV" in r.error
     assert pool.run(s, "1").status == "dead"
     pool.close_session(s)
-    _assert_gone(uid)
+    _assert_gone(who)
 
 
 def test_sys_exit_is_reported_and_session_survives(pool):
@@ -219,7 +238,7 @@ def test_fallback_layers_still_block_writes_network_and_orphans(tmp_path):
     """With namespaces and Landlock switched off, the audit hook and uid sweep take over."""
     with SandboxPool(SandboxConfig(timeout_s=3, namespaces=False, landlock=False), workers=1) as p:
         s = p.open_session()
-        uid = int(p.run(s, "import os\nos.getuid()").stdout)
+        who = _identity(p, s)
         assert "audit-hook" in p.layers and "landlock-fs" not in p.layers
         write = p.run(s, f"open({str(tmp_path / 'x')!r}, 'w')")
         assert write.status == "error" and "PermissionError" in write.feedback()
@@ -228,7 +247,7 @@ def test_fallback_layers_still_block_writes_network_and_orphans(tmp_path):
         orphan = "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(300)\n'spawned'"
         assert p.run(s, orphan).status == "ok"
         p.close_session(s)
-        _assert_gone(uid)
+        _assert_gone(who)
 
 
 @pytest.mark.slow

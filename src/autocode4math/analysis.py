@@ -1,7 +1,8 @@
 """The paper's measurements over rollout records: accuracy, code use, the union bound, selection accuracy.
 
 All functions take rollout records (dicts with at least `id`, `benchmark`, `mode`, `sample`,
-`correct`, `used_code`, `n_code_calls`, `code_blocks`, `n_generated_tokens`) and are pure.
+`prefix`, `response`, `correct`, `used_code`, `n_code_calls`, `code_blocks`, `n_generated_tokens`)
+and are pure.
 
 Definitions (also in docs/rollout.md):
 - accuracy: mean of `correct` over all samples. Its 95% interval is a percentile bootstrap over
@@ -17,7 +18,8 @@ Definitions (also in docs/rollout.md):
   most the same cost, and strictly better in one of the two.
 - selection accuracy of auto mode: a question is *decisive* when acc_code(q) != acc_cot(q); its
   reference choice is code iff acc_code(q) > acc_cot(q). Each auto sample on a decisive question is
-  right when `used_code` equals the reference choice; selection accuracy is the mean over those
+  right when its code decision c (`estep.decision_of`: it wrote the code prefix or ran code; the
+  definition the E-step and M-step use) equals the reference choice; selection accuracy is the mean over those
   samples. Ties are excluded and counted apart: `both` (tied above 0) and `neither` (both 0). With
   one sample this is exactly "of the questions exactly one of cot/code solves, how often auto
   picked that one". Questions missing from cot, code or auto are left out.
@@ -33,7 +35,9 @@ from typing import Any
 
 import numpy as np
 
+from autocode4math.estep import decision_of
 from autocode4math.health import tool_counts
+from autocode4math.prompts import CODE_PREFIX
 
 CI_METHOD = "percentile bootstrap over questions (2000 resamples, seed 0)"
 
@@ -119,13 +123,16 @@ def union_bound(cot: Sequence[dict[str, Any]], code: Sequence[dict[str, Any]]) -
 
 
 def selection_accuracy(
-    auto: Sequence[dict[str, Any]], cot: Sequence[dict[str, Any]], code: Sequence[dict[str, Any]]
+    auto: Sequence[dict[str, Any]],
+    cot: Sequence[dict[str, Any]],
+    code: Sequence[dict[str, Any]],
+    code_prefix: str = CODE_PREFIX,
 ) -> dict[str, Any]:
     """Selection accuracy of auto against the cot/code reference (definition in the module docstring)."""
     a, b = per_question(cot), per_question(code)
     auto_by_q: dict[str, list[bool]] = defaultdict(list)
     for r in auto:
-        auto_by_q[str(r["id"])].append(bool(r["used_code"]))
+        auto_by_q[str(r["id"])].append(bool(decision_of(r, code_prefix)))
     shared = sorted(set(a) & set(b) & set(auto_by_q))
     right = total = both = neither = decisive = 0
     for q in shared:
@@ -146,7 +153,7 @@ def selection_accuracy(
     }
 
 
-def benchmark_metrics(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def benchmark_metrics(records: Sequence[dict[str, Any]], code_prefix: str = CODE_PREFIX) -> dict[str, Any]:
     """Per-mode metrics of one benchmark plus the union bound and selection accuracy when possible."""
     by_mode: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
@@ -155,19 +162,21 @@ def benchmark_metrics(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     if "cot" in by_mode and "code" in by_mode:
         out["union"] = union_bound(by_mode["cot"], by_mode["code"])
         if "auto" in by_mode:
-            out["selection"] = selection_accuracy(by_mode["auto"], by_mode["cot"], by_mode["code"])
+            out["selection"] = selection_accuracy(by_mode["auto"], by_mode["cot"], by_mode["code"], code_prefix)
     return out
 
 
-def all_metrics(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
+def all_metrics(records: Iterable[dict[str, Any]], code_prefix: str = CODE_PREFIX) -> dict[str, Any]:
     """{benchmark: benchmark_metrics} over every benchmark present."""
     by_bench: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         by_bench[str(r["benchmark"])].append(r)
-    return {b: benchmark_metrics(rs) for b, rs in sorted(by_bench.items())}
+    return {b: benchmark_metrics(rs, code_prefix) for b, rs in sorted(by_bench.items())}
 
 
-def breakdown(records: Sequence[dict[str, Any]], labels: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def breakdown(
+    records: Sequence[dict[str, Any]], labels: dict[str, Any], code_prefix: str = CODE_PREFIX
+) -> dict[str, dict[str, Any]]:
     """Per group (`labels`: question id -> group, e.g. a MATH subject or a toy family): the compact analysis.
 
     Each group gets n_questions, accuracy and code-use rate per mode, the union bound and selection
@@ -179,7 +188,7 @@ def breakdown(records: Sequence[dict[str, Any]], labels: dict[str, Any]) -> dict
             by_group[str(labels[str(r["id"])])].append(r)
     out = {}
     for group, rows in sorted(by_group.items()):
-        m = benchmark_metrics(rows)
+        m = benchmark_metrics(rows, code_prefix)
         row: dict[str, Any] = {"n_questions": len({str(r["id"]) for r in rows})}
         for mode, v in m["modes"].items():
             row[f"{mode}_accuracy"], row[f"{mode}_code_use_rate"] = v["accuracy"], v["code_use_rate"]

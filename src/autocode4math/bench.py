@@ -1,14 +1,15 @@
 """`autocode bench ...`: throughput figures, one function per benchmark (others add theirs here).
 
 Sandbox benchmark: realistic batches of model-like code (trivial prints, sympy solving and simplifying,
-loops over fractions.Fraction), each run twice in the same process and run:
+loops over fractions.Fraction), each run by two executors in turns, in the same process and run:
   (a) the `SandboxPool`, every execution in its own fresh isolated session (fork from the warm template,
-      namespaces, uid, rlimits, Landlock), `workers` executions in flight;
+      every isolation layer of docs/sandbox.md), `workers` executions in flight;
   (b) a reference executor in the style of common math-evaluation harnesses: one long-lived worker
       process that exec()s each snippet in a fresh dict with stdout redirected, no isolation.
 Latency is submit-to-result of one execution (for the pool it includes forking the session); throughput
 is executions per wall-clock second over the batch. Snippets vary their numbers so no cache serves them.
-Deliberately simplified: one pass per batch (run the command several times; the CPU may be shared).
+Also printed: CPU per execution and the speed-up CPU alone allows, and where an execution's overhead goes
+(`sandbox_overheads`). Deliberately simplified: one pass per batch (run the command several times).
 
 Rollout and M-step benchmarks (`bench_rollout`, `bench_train`) on random-weight models of real architectures:
 what they measure, their assumptions and the formulas of their bounds are in docs/performance.md.
@@ -65,22 +66,30 @@ def sandbox_batches(n: int) -> dict[str, list[str]]:
     return {"print": prints, "sympy": sympy_batch, "fractions": fractions_batch}
 
 
-def _measure(run_one: Callable[[str], str], codes: list[str], workers: int) -> tuple[dict, list[str]]:
-    """Throughput and latency percentiles of running `codes` with `workers` in flight."""
+class _Meter:
+    """Wall time, latencies and statuses of one executor, summed over the chunks of a batch it ran."""
 
-    def timed(code: str) -> tuple[float, str]:
+    def __init__(self, run_one: Callable[[str], str], workers: int) -> None:
+        self.run_one, self.workers = run_one, workers
+        self.wall, self.latencies, self.statuses = 0.0, [], []
+
+    def run(self, codes: list[str]) -> None:
+        def timed(code: str) -> tuple[float, str]:
+            start = time.perf_counter()
+            status = self.run_one(code)
+            return time.perf_counter() - start, status
+
         start = time.perf_counter()
-        status = run_one(code)
-        return time.perf_counter() - start, status
+        with ThreadPoolExecutor(self.workers) as ex:
+            out = list(ex.map(timed, codes))
+        self.wall += time.perf_counter() - start
+        self.latencies += [t for t, _ in out]
+        self.statuses += [s for _, s in out]
 
-    start = time.perf_counter()
-    with ThreadPoolExecutor(workers) as ex:
-        out = list(ex.map(timed, codes))
-    wall = time.perf_counter() - start
-    lat = sorted(t for t, _ in out)
-    p99 = lat[min(len(lat) - 1, int(0.99 * len(lat)))]
-    figures = {"exec_per_s": len(codes) / wall, "p50_ms": statistics.median(lat) * 1000, "p99_ms": p99 * 1000}
-    return figures, [s for _, s in out]
+    def figures(self) -> dict[str, float]:
+        lat = sorted(self.latencies)
+        p99 = lat[min(len(lat) - 1, int(0.99 * len(lat)))]
+        return {"exec_per_s": len(lat) / self.wall, "p50_ms": statistics.median(lat) * 1000, "p99_ms": p99 * 1000}
 
 
 class _Reference:
@@ -97,16 +106,41 @@ class _Reference:
         self.proc.stdin.flush()
         return json.loads(self.proc.stdout.readline())["status"]
 
+    def cpu_seconds(self) -> float:
+        return _proc_cpu_seconds(self.proc.pid, children=False)
+
     def close(self) -> None:
         self.proc.stdin.close()
         self.proc.wait(timeout=10)
 
 
+def _proc_cpu_seconds(pid: int, children: bool) -> float:
+    """User + system CPU of process `pid` (and of its reaped children), from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = sum(int(x) for x in fields[11 : 15 if children else 13])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _pool_cpu_seconds(pool: SandboxPool) -> float:
+    """CPU used so far by this process (the pool's threads) and by the template and the sessions it reaped."""
+    return time.process_time() + pool.cpu_seconds()
+
+
 def bench_sandbox(
     n: int = 200, workers: int | None = None, timeout_s: float = 30.0
 ) -> tuple[dict[str, dict[str, float]], list[str]]:
-    """Figures per batch (`<batch>`: isolated pool with its speed-up, `<batch>_reference`) and the active layers."""
+    """Figures per batch (`<batch>`: isolated pool with its speed-up, `<batch>_reference`) and the active layers.
+
+    The two executors take turns on chunks of `10 x workers` snippets, so both see the same load when the
+    machine is shared. Besides exec/s and latency, each row has `cpu_ms`: CPU per execution over every
+    process involved (for the pool: its threads, the template and the sessions; kernel threads are not
+    counted), and the pool row `cpu_speedup`: the speed-up its workers reach where CPU is the only limit
+    (a quiet machine with at least `workers` cores), min(workers, CPUs) x reference / pool cpu_ms.
+    """
     workers = workers or os.cpu_count() or 1
+    cores = min(workers, os.cpu_count() or 1)
+    chunk = 10 * workers
     figures: dict[str, dict[str, float]] = {}
     layers: list[str] = []
     reference = _Reference()
@@ -122,12 +156,21 @@ def bench_sandbox(
 
             isolated("pass")  # the pool's first session
             for name, codes in sandbox_batches(n).items():
-                ref, ref_status = _measure(reference.run, codes, 1)
-                iso, iso_status = _measure(isolated, codes, workers)
-                bad = [s for s in iso_status + ref_status if s != "ok"]
+                ref_meter, iso_meter = _Meter(reference.run, 1), _Meter(isolated, workers)
+                time.sleep(0.3)  # the sessions of the last batch are reaped: their CPU is not counted here
+                ref_cpu, iso_cpu = reference.cpu_seconds(), _pool_cpu_seconds(pool)
+                for i in range(0, n, chunk):  # alternate, so both executors see the same load on a shared machine
+                    ref_meter.run(codes[i : i + chunk])
+                    iso_meter.run(codes[i : i + chunk])
+                time.sleep(0.3)  # and the last sessions of this one are
+                ref, iso = ref_meter.figures(), iso_meter.figures()
+                ref["cpu_ms"] = (reference.cpu_seconds() - ref_cpu) / n * 1000
+                iso["cpu_ms"] = (_pool_cpu_seconds(pool) - iso_cpu) / n * 1000
+                bad = [s for s in iso_meter.statuses + ref_meter.statuses if s != "ok"]
                 if bad:
                     raise RuntimeError(f"batch {name!r}: {len(bad)} executions failed, e.g. {bad[0]}")
-                figures[name] = {**iso, "workers": workers, "speedup": iso["exec_per_s"] / ref["exec_per_s"]}
+                figures[name] = {**iso, "workers": workers, "speedup": iso["exec_per_s"] / ref["exec_per_s"],
+                                 "cpu_speedup": cores * ref["cpu_ms"] / iso["cpu_ms"]}  # fmt: skip
                 figures[f"{name}_reference"] = {**ref, "workers": 1}
             layers = pool.layers
     finally:
@@ -135,25 +178,88 @@ def bench_sandbox(
     return figures, layers
 
 
-def print_sandbox_table(figures: dict[str, dict[str, float]], layers: list[str]) -> None:
-    """A rich table: one row per batch and executor."""
+def sandbox_overheads(n: int = 20, timeout_s: float = 30.0) -> dict[str, float]:
+    """Where an isolated execution's time goes: one worker, no pre-forking, sequential; medians in ms.
+
+    start_ms: the first block's extra latency in a new session (fork from the template, isolation
+    layers); block_ms: one `pass` block's round trip; close_ms: the close_session call (the kernel
+    tears the session down afterwards); session_cpu_ms: CPU of a whole empty session (open, one block,
+    close) over all processes; sympy_first_ms / sympy_again_ms: a sympy snippet as the first block of a
+    session (its pages still shared with the template) and as a later one (already copied).
+    """
+    codes = sandbox_batches(n + 1)["sympy"]
+    starts, blocks, closes, firsts, agains = [], [], [], [], []
+    with SandboxPool(SandboxConfig(timeout_s=timeout_s, prefork=0), workers=1) as pool:
+        warm = pool.open_session()
+        pool.run(warm, "pass")
+        pool.close_session(warm)
+        time.sleep(0.3)
+        cpu = _pool_cpu_seconds(pool)
+        for _ in range(n):
+            t0 = time.perf_counter()
+            session = pool.open_session()
+            pool.run(session, "pass")
+            t1 = time.perf_counter()
+            pool.run(session, "pass")
+            t2 = time.perf_counter()
+            pool.close_session(session)
+            closes.append(time.perf_counter() - t2)
+            starts.append((t1 - t0) - (t2 - t1))
+            blocks.append(t2 - t1)
+            time.sleep(0.01)  # let the kernel tear it down, so its CPU is in the count below
+        time.sleep(0.3)
+        session_cpu = (_pool_cpu_seconds(pool) - cpu) / n
+        for i in range(n):
+            session = pool.open_session()
+            pool.run(session, "pass")
+            t0 = time.perf_counter()
+            pool.run(session, codes[i])
+            t1 = time.perf_counter()
+            pool.run(session, codes[i + 1])
+            firsts.append(t1 - t0)
+            agains.append(time.perf_counter() - t1)
+            pool.close_session(session)
+    ms = {"start_ms": starts, "block_ms": blocks, "close_ms": closes, "sympy_first_ms": firsts,
+          "sympy_again_ms": agains}  # fmt: skip
+    return {k: statistics.median(v) * 1000 for k, v in ms.items()} | {"session_cpu_ms": session_cpu * 1000}
+
+
+def print_sandbox_table(
+    figures: dict[str, dict[str, float]], layers: list[str], overheads: dict[str, float] | None = None
+) -> None:
+    """Rich tables: one row per batch and executor, then the per-execution overhead breakdown."""
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title="Sandbox throughput (isolated pool vs. single in-process worker)")
-    for col in ("batch", "executor", "exec/s", "p50 ms", "p99 ms", "speed-up"):
+    for col in ("batch", "executor", "exec/s", "p50 ms", "p99 ms", "speed-up", "CPU ms", "CPU-bound"):
         table.add_column(col, justify="left" if col in ("batch", "executor") else "right")
     for name, row in figures.items():
         if name.endswith("_reference"):
             continue
         ref = figures[f"{name}_reference"]
-        table.add_row(name, f"isolated pool ({int(row['workers'])} workers)", f"{row['exec_per_s']:.1f}",
-                      f"{row['p50_ms']:.1f}", f"{row['p99_ms']:.1f}", f"{row['speedup']:.2f}x")  # fmt: skip
-        table.add_row("", "reference (1 worker, no isolation)", f"{ref['exec_per_s']:.1f}", f"{ref['p50_ms']:.1f}",
-                      f"{ref['p99_ms']:.1f}", "1.00x")  # fmt: skip
+        table.add_row(name, f"pool, {int(row['workers'])} workers", f"{row['exec_per_s']:.1f}",
+                      f"{row['p50_ms']:.1f}", f"{row['p99_ms']:.1f}", f"{row['speedup']:.2f}x",
+                      f"{row['cpu_ms']:.1f}", f"{row['cpu_speedup']:.2f}x")  # fmt: skip
+        table.add_row("", "reference", f"{ref['exec_per_s']:.1f}", f"{ref['p50_ms']:.1f}",
+                      f"{ref['p99_ms']:.1f}", "1.00x", f"{ref['cpu_ms']:.1f}", "")  # fmt: skip
     console = Console()
     console.print(table)
+    console.print("reference: one worker exec()ing in-process, no isolation. CPU ms: per execution, all processes;")
+    console.print("CPU-bound: the speed-up where CPU is the only limit (min(workers, CPUs) x reference / pool CPU ms)")
     console.print("isolation layers active: " + ", ".join(layers))
+    if overheads:
+        parts = Table(title="Per-execution overhead (1 worker, sequential, no pre-forking; medians)")
+        parts.add_column("part")
+        parts.add_column("ms", justify="right")
+        rows = [("session start: fork + isolation layers (hidden by pre-forking in the pool)", "start_ms"),
+                ("one block round trip (`pass`)", "block_ms"), ("close_session call (teardown continues)", "close_ms"),
+                ("CPU of an empty session, all processes", "session_cpu_ms"),
+                ("sympy snippet as a session's first block", "sympy_first_ms"),
+                ("sympy snippet as a later block (pages already copied)", "sympy_again_ms")]  # fmt: skip
+        for label, key in rows:
+            parts.add_row(label, f"{overheads[key]:.2f}")
+        console.print(parts)
 
 
 # --- rollout and M-step throughput on random-weight models of real architectures (see docs/performance.md) ---

@@ -12,14 +12,19 @@ multiple-answer flags). Normalising here means the grader sees one convention: t
 or a list of strings when every one of several answers is required.
 
 Deliberate strictness: a malformed line, a row without a question or an answer, or a duplicate id is an
-error naming the file and the line; nothing is silently skipped, because a silently shorter test set
-is a wrong number in a paper. The one exception is loud: two GaoKao problems whose gold is empty in the
-source cannot be graded, so the loader leaves them out with a warning that names them.
+error naming the file, the line and the field; nothing is silently skipped, because a silently shorter
+test set is a wrong number in a paper. The one exception is loud: two GaoKao problems whose gold is empty
+in the source cannot be graded, so the loader leaves them out with a warning that names them.
+A file with a worked `solution` but no answer field (MATH's layout) gets the solution's last `\\boxed{}`
+as its gold, with a warning; the whole solution is never taken as the gold (every correct answer would
+then grade wrong). A name that is not shipped, not a file and close to a shipped name ("gsm8": did you
+mean gsm8k?) is an error before any Hugging Face Hub lookup.
 Simplification: user files are read whole into memory.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import warnings
 from collections.abc import Sequence
@@ -27,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from autocode4math.config import ConfigError
 from autocode4math.io import DataError, read_jsonl
 
 BENCHMARKS = ("gsm8k", "math500", "gaokao2023en", "olympiadbench", "aime24", "amc23")
@@ -34,8 +40,26 @@ DATA_DIR = Path(__file__).parent / "data"
 TOY_SPLITS = ("train", "dev", "test")
 
 QUESTION_FIELDS = ("question", "problem", "prompt", "query", "input")
-ANSWER_FIELDS = ("answer", "final_answer", "gold", "target", "expected_answer", "solution")
+ANSWER_FIELDS = ("answer", "final_answer", "gold", "target", "expected_answer")
+SOLUTION_FIELDS = ("solution",)
+"""Worked solutions: without an answer field, the gold is their last \\boxed{} answer."""
 ID_FIELDS = ("id", "idx", "unique_id", "problem_id", "uid")
+
+
+@dataclass
+class FieldNames:
+    """Names of the fields of a user's benchmark file or Hub dataset; None: detected from common names."""
+
+    question: str | None = None
+    """The problem statement (detected: question, problem, prompt, query, input)."""
+    answer: str | None = None
+    """The gold answer (detected: answer, final_answer, gold, target, expected_answer; else a solution's box)."""
+    id: str | None = None
+    """A unique id per row (detected: id, idx, unique_id, problem_id, uid; else the row number)."""
+
+    def as_kwargs(self) -> dict[str, str | None]:
+        """The `load_problems` keyword arguments these names stand for."""
+        return {"question_field": self.question, "answer_field": self.answer, "id_field": self.id}
 
 
 @dataclass
@@ -127,11 +151,14 @@ def _shipped_record(name: str, row: dict[str, Any]) -> tuple[str, Any, dict[str,
 def _detect(row: dict[str, Any], given: str | None, candidates: tuple[str, ...], what: str, where: str) -> str | None:
     if given is not None:
         if given not in row:
-            raise DataError(f"{where}: no field {given!r} (fields: {sorted(row)})")
+            raise DataError(f"{where}: no field {given!r} (given as the {what} field); the row has {sorted(row)}")
         return given
     found = next((c for c in candidates if c in row), None)
-    if found is None and what != "id":
-        raise DataError(f"{where}: no {what} field; looked for {list(candidates)}, found {sorted(row)}; name it")
+    if found is None and what == "question":
+        raise DataError(
+            f"{where}: no question field; looked for {list(candidates)}, found {sorted(row)}; "
+            "name it with --question-field (fields.question)"
+        )
     return found
 
 
@@ -144,7 +171,7 @@ def _rows_of_file(path: Path) -> list[tuple[str, dict[str, Any]]]:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+            raise DataError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})") from None
         if isinstance(data, dict):
             lists = [v for v in data.values() if isinstance(v, list)]
             if len(lists) != 1:
@@ -161,12 +188,14 @@ def _rows_of_file(path: Path) -> list[tuple[str, dict[str, Any]]]:
 
 
 def _jsonl_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    rows = []
     with path.open(encoding="utf-8") as f:
-        lines = [i for i, line in enumerate(f, start=1) if line.strip()]
-    for lineno, row in zip(lines, read_jsonl(path), strict=True):
-        rows.append((f"{path}:{lineno}", row))
-    return rows
+        lines = [(i, line) for i, line in enumerate(f, start=1) if line.strip()]
+    try:
+        return [(f"{path}:{lineno}", row) for (lineno, _), row in zip(lines, read_jsonl(path), strict=True)]
+    except DataError as e:
+        if lines and lines[0][1].lstrip().startswith("["):
+            raise DataError(f"{e} (the file holds a JSON array: name it .json, or write one object per line)") from None
+        raise
 
 
 def _as_dict(row: Any, where: str) -> dict[str, Any]:
@@ -176,14 +205,28 @@ def _as_dict(row: Any, where: str) -> dict[str, Any]:
 
 
 def _hf_rows(source: str, split: str) -> list[tuple[str, dict[str, Any]]]:
+    """Rows of a Hugging Face dataset, after checking that `source` is not a near miss of a shipped name."""
+    close = difflib.get_close_matches(source.lower(), [*BENCHMARKS, "toy"], n=1, cutoff=0.75)
+    if close:
+        raise DataError(
+            f"unknown benchmark {source!r}: did you mean {close[0]}? (shipped: {', '.join(BENCHMARKS)}, toy; "
+            "or a .jsonl/.json/.parquet file, or a Hugging Face dataset id)"
+        )
     try:
         import datasets
-    except ImportError as e:
-        raise ImportError(
-            f"{source!r} is not a shipped benchmark or a file; loading it as a Hugging Face "
-            "dataset needs `pip install autocode4math[data]`"
-        ) from e
-    ds = datasets.load_dataset(source, split=split)
+    except ImportError:
+        raise DataError(
+            f"{source!r} is not a shipped benchmark ({', '.join(BENCHMARKS)}, toy) or a file; loading it as a "
+            "Hugging Face dataset needs `pip install autocode4math[data]`"
+        ) from None
+    try:
+        ds = datasets.load_dataset(source, split=split)
+    except (OSError, ValueError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(
+            f"{source!r} is not a shipped benchmark ({', '.join(BENCHMARKS)}, toy) or a local file, and loading it "
+            f"as a Hugging Face dataset failed: {reason}"
+        ) from None
     return [(f"{source}[{split}] row {i}", dict(r)) for i, r in enumerate(ds)]
 
 
@@ -218,10 +261,10 @@ def _load_shipped(name: str, limit: int | None) -> list[Problem]:
 
 def _load_toy(split: str, limit: int | None) -> list[Problem]:
     if split not in TOY_SPLITS:
-        raise ValueError(f"toy split must be one of {TOY_SPLITS}, got {split!r}")
+        raise ConfigError(f"toy split must be one of {TOY_SPLITS}, got {split!r}")
     path = DATA_DIR / "toy" / f"{split}.jsonl"
     if not path.exists():
-        raise FileNotFoundError(f"toy split {split!r} not found at {path}; generate it with `autocode toy data`")
+        raise DataError(f"toy split {split!r} not found at {path}; generate it with `autocode toy data`")
     return load_problems(str(path), benchmark="toy", limit=limit)
 
 
@@ -244,7 +287,7 @@ def load_problems(
     normalised form keep their `meta`.
     """
     if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
+        raise ConfigError(f"limit must be >= 0, got {limit}")
     if source in BENCHMARKS:
         return _load_shipped(source, limit)
     if source == "toy" or source.startswith("toy:"):
@@ -252,7 +295,7 @@ def load_problems(
     path = Path(source)
     if path.suffix.lower() in (".jsonl", ".json", ".parquet") or path.exists():
         if not path.exists():
-            raise FileNotFoundError(f"no such file: {path}")
+            raise DataError(f"{path}: no such file")
         rows, label = _rows_of_file(path), benchmark or path.stem
     else:
         rows, label = _hf_rows(source, split), benchmark or source
@@ -266,22 +309,55 @@ def _user_records(
     answer_field: str | None,
     id_field: str | None,
 ) -> list[Problem]:
-    records = []
+    records, boxed_from = [], None
     for i, (where, row) in enumerate(rows, start=1):
         q_key = _detect(row, question_field, QUESTION_FIELDS, "question", where)
         a_key = _detect(row, answer_field, ANSWER_FIELDS, "answer", where)
         i_key = _detect(row, id_field, ID_FIELDS, "id", where)
-        answer = row[a_key]
+        question = row[q_key]
+        if not isinstance(question, str):
+            raise DataError(f"{where}: the question field {q_key!r} holds {type(question).__name__} {question!r}")
+        if not question.strip():
+            raise DataError(f"{where}: empty question in field {q_key!r}")
+        if a_key is None:
+            boxed_from, answer = _boxed_gold(row, where)
+        else:
+            answer = row[a_key]
         if answer is None or (isinstance(answer, str) and not answer.strip()):
             raise DataError(f"{where}: empty answer in field {a_key!r}")
         meta = row.get("meta") if isinstance(row.get("meta"), dict) else {}
         meta = {**meta, **{k: v for k, v in row.items() if k not in (q_key, a_key, i_key, "meta", "benchmark")}}
         pid = str(row[i_key]) if i_key is not None and row[i_key] is not None else f"{benchmark}-{i}"
         try:
-            records.append(Problem(pid, row[q_key], answer, benchmark, meta))
+            records.append(Problem(pid, question, answer, benchmark, meta))
         except ValueError as e:
-            raise DataError(f"{where}: {e}") from None
+            raise DataError(f"{where}: {e} (id field {i_key!r})") from None
+    if boxed_from:
+        warnings.warn(
+            f"{benchmark}: no answer field; the gold of each question is the last \\boxed{{}} of its {boxed_from!r} "
+            "field (name another with --answer-field)",
+            stacklevel=3,
+        )
     return records
+
+
+def _boxed_gold(row: dict[str, Any], where: str) -> tuple[str, str]:
+    """(field, gold) from a worked solution's last \\boxed{}, for rows without an answer field."""
+    from autocode4math.grading import last_boxed
+
+    key = next((f for f in SOLUTION_FIELDS if f in row), None)
+    if key is None:
+        raise DataError(
+            f"{where}: no answer field; looked for {list(ANSWER_FIELDS + SOLUTION_FIELDS)}, found {sorted(row)}; "
+            "name it with --answer-field (fields.answer)"
+        )
+    gold = last_boxed(row[key]) if isinstance(row[key], str) else None
+    if gold is None:
+        raise DataError(
+            f"{where}: no answer field, and the worked solution in field {key!r} has no \\boxed{{}} answer to take "
+            "as the gold; name the answer field with --answer-field (fields.answer)"
+        )
+    return key, gold
 
 
 # Responses built from the data itself, for the grader's self-checks and throughput figures.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
@@ -28,6 +29,23 @@ sandbox_app = typer.Typer(help="The code sandbox as a service.", no_args_is_help
 app.add_typer(bench_app, name="bench")
 app.add_typer(toy_app, name="toy")
 app.add_typer(sandbox_app, name="sandbox")
+
+QUESTION_FIELD = typer.Option(None, "--question-field", help="Question field of a benchmark file (default: detected).")
+ANSWER_FIELD = typer.Option(None, "--answer-field", help="Gold answer field of a benchmark file (default: detected).")
+ID_FIELD = typer.Option(None, "--id-field", help="Id field of a benchmark file (default: detected, else row number).")
+OPTION_LABELS = {"fields.question": "--question-field", "fields.answer": "--answer-field", "fields.id": "--id-field",
+                 "launch.preset": "--launch"}  # fmt: skip
+"""How errors name config fields set by an option whose name is not the field's own."""
+
+
+@app.callback()
+def _main() -> None:
+    warnings.formatwarning = _one_line_warning
+
+
+def _one_line_warning(message: Warning | str, *args: Any, **kwargs: Any) -> str:
+    """Warnings as users read them: `Warning: <message>`, without the source line that issued them."""
+    return f"Warning: {message}\n"
 
 
 def _fail(message: str) -> NoReturn:
@@ -59,7 +77,11 @@ def _config(cls: type, path: str, overrides: list[str], values: dict[str, Any] |
     from autocode4math.config import load_config
 
     given = {k: v for k, v in (values or {}).items() if v is not None and v != ""}
-    return load_config(cls, path or None, overrides, given, **kw)
+    return load_config(cls, path or None, overrides, given, labels=OPTION_LABELS, **kw)
+
+
+def _fields(question: str | None, answer: str | None, id_: str | None) -> dict[str, str | None]:
+    return {"fields.question": question, "fields.answer": answer, "fields.id": id_}
 
 
 @contextlib.contextmanager
@@ -117,14 +139,20 @@ def bench_sandbox(
 ) -> None:
     """Throughput of the isolated pool vs. a single in-process worker on realistic math batches."""
     import json
+    import os
 
     from autocode4math.bench import bench_sandbox as run_bench
-    from autocode4math.bench import print_sandbox_table
+    from autocode4math.bench import print_sandbox_table, sandbox_overheads
 
     if n < 1 or workers < 0:
         _fail(f"--n must be >= 1 and --workers >= 0, got --n {n} --workers {workers}")
+    load = os.getloadavg()[0]
     figures, layers = run_bench(n=n, workers=workers or None)
-    print_sandbox_table(figures, layers)
+    overheads = sandbox_overheads(n=min(n, 20))
+    print_sandbox_table(figures, layers, overheads)
+    after = os.getloadavg()[0]
+    typer.echo(f"machine: {os.cpu_count()} CPUs; 1-minute load average {load:.2f} before, {after:.2f} after")
+    figures["overheads"] = overheads
     if as_json:
         typer.echo(json.dumps(figures))
 
@@ -228,6 +256,9 @@ def eval_(
     benchmark_file: list[str] = typer.Option([], help="Extra benchmark file (.jsonl/.json/.parquet); repeatable."),
     limit: int | None = typer.Option(None, help="Only the first N questions of each benchmark."),
     backend: str = typer.Option("", help="hf (default), openai or vllm."),
+    question_field: str | None = QUESTION_FIELD,
+    answer_field: str | None = ANSWER_FIELD,
+    id_field: str | None = ID_FIELD,
     workers: int | None = typer.Option(None, help="Rollout engines; more than 1 runs them as Ray actors (fleet.*)."),
     config: str = typer.Option("", help="YAML file with EvalConfig fields."),
     overrides: list[str] = typer.Option([], "--set", help="Dotted overrides, e.g. --set max_new_tokens=1024."),
@@ -245,7 +276,8 @@ def eval_(
 
     given = {"model": model, "benchmarks": benchmarks, "modes": modes, "out": out, "backend": backend, "n": n}
     given |= {"temperature": temperature, "limit": limit, "benchmark_files": benchmark_file or None}
-    given |= {"fleet.workers": workers, "health.check": False if ignore_tool_health else None}
+    given |= _fields(question_field, answer_field, id_field) | {"fleet.workers": workers}
+    given |= {"health.check": False if ignore_tool_health else None}
     if benchmark_file and not benchmarks:
         given["benchmarks"] = []  # only the given files, not the default benchmarks
     cfg = _config(EvalConfig, config, overrides, given)
@@ -312,7 +344,10 @@ def toy_pretrain(
         "base", help="base (from scratch, CoT-heavy) or sft (tool-integrated, code choice not tied to the family)."
     ),
     seed: int = typer.Option(0, help="Seeds corpus, initialisation and batch order."),
-    out_dir: str = typer.Option("", help="Output directory; default: the package's checkpoints/toy-<stage>."),
+    out_dir: str = typer.Option("", help="Output directory; default: runs/toy-<stage>."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace a checkpoint already in the output directory (a shipped one included)."
+    ),
     config: str = typer.Option("", help="YAML file with PretrainConfig fields (steps, lr, sft_code_digits, ...)."),
     overrides: list[str] = typer.Option(
         [], "--set", help="Dotted overrides, e.g. --set steps=500 --set model.num_layers=2."
@@ -322,7 +357,7 @@ def toy_pretrain(
     from autocode4math.toymodel import PretrainConfig, pretrain
 
     cfg = _config(PretrainConfig, config, overrides, {"stage": stage, "seed": seed, "out_dir": out_dir})
-    pretrain(cfg, log=lambda line: typer.echo(line))
+    pretrain(cfg, log=lambda line: typer.echo(line), overwrite=overwrite)
 
 
 # --- training (estep, mstep, train, demo) ---
@@ -336,6 +371,9 @@ def estep(
     out: str = typer.Option(..., help="Output directory: rollouts.jsonl, train.jsonl, audit.jsonl, summary.json."),
     split: str = typer.Option("train", help="Split of a named source (toy: train/dev/test)."),
     limit: int = typer.Option(0, help="Use only the first N queries (0: all)."),
+    question_field: str | None = QUESTION_FIELD,
+    answer_field: str | None = ANSWER_FIELD,
+    id_field: str | None = ID_FIELD,
     config: str = typer.Option("", help="YAML preset with EStepConfig fields."),
     overrides: list[str] = typer.Option([], "--set", help="Dotted overrides, e.g. --set k=8 --set alpha=2."),
     overwrite: bool = typer.Option(
@@ -347,13 +385,16 @@ def estep(
     """E-step: K rollouts per code decision, Q, pi, s*, and the subsampled training set (resumable)."""
     import json
 
-    from autocode4math.benchmarks import load_problems
+    from autocode4math.benchmarks import FieldNames, load_problems
     from autocode4math.estep import EStepConfig, run_estep
+    from autocode4math.rollout import resolve_model
 
     if limit < 0:
         _fail(f"--limit must be >= 0 (0: all queries), got {limit}")
     cfg = _config(EStepConfig, config, overrides)
-    problems = load_problems(queries, split=split, limit=limit or None)
+    model = resolve_model(model, cfg.backend)
+    fields = FieldNames(question_field, answer_field, id_field)
+    problems = load_problems(queries, split=split, limit=limit or None, **fields.as_kwargs())
     summary = run_estep(model, problems, cfg, out, overwrite=overwrite)
     typer.echo(json.dumps(summary, indent=2))
 
@@ -378,21 +419,27 @@ def mstep(
     """M-step: clipped off-policy RL + decision cross-entropy; `accelerate launch -m autocode4math.cli mstep ...`."""
     from autocode4math.io import read_json
     from autocode4math.mstep import MStepConfig, run_mstep
+    from autocode4math.rollout import resolve_model
 
     cfg = _config(MStepConfig, config, overrides)
     expected = read_json(fingerprint) if fingerprint else None
-    typer.echo(str(run_mstep(model, data, cfg, out, overwrite=overwrite, fingerprint=expected)))
+    typer.echo(str(run_mstep(resolve_model(model), data, cfg, out, overwrite=overwrite, fingerprint=expected)))
 
 
 @app.command("train")
 @_user_errors
 def train_cmd(
-    config: str = typer.Option("", help="YAML preset with TrainConfig fields (e.g. presets/toy-em.yaml)."),
+    config: str = typer.Option(
+        "", help="YAML preset with TrainConfig fields (e.g. src/autocode4math/presets/train/toy-em.yaml)."
+    ),
     method: str = typer.Option("", help="em (default), rl (on-policy RL, no E-step) or sft (fixed dataset)."),
     model: str = typer.Option("", help="Starting checkpoint: a directory, hub id, or toy-base / toy-sft."),
     queries: str = typer.Option("", help="Training queries (train split): toy, a file, or a HF dataset id."),
     out: str = typer.Option("", help="Run directory; running the same command again resumes it."),
     iterations: int | None = typer.Option(None, help="EM iterations (E-step, M-step, dev evaluation each)."),
+    question_field: str | None = QUESTION_FIELD,
+    answer_field: str | None = ANSWER_FIELD,
+    id_field: str | None = ID_FIELD,
     workers: int | None = typer.Option(
         None, help="Rollout engines (E-step, RL collection, dev evaluation); more than 1 runs them as Ray actors."
     ),
@@ -417,7 +464,7 @@ def train_cmd(
     from autocode4math.em import TrainConfig, train
 
     given = {"method": method, "model": model, "queries": queries, "out": out, "iterations": iterations}
-    given |= {"fleet.workers": workers, "launch.preset": launch}
+    given |= _fields(question_field, answer_field, id_field) | {"fleet.workers": workers, "launch.preset": launch}
     given |= {"health.check": False if ignore_tool_health else None}
     cfg = _config(TrainConfig, config, overrides, given)
     with _run_errors():

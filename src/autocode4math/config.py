@@ -139,11 +139,12 @@ def load_config(
     overrides: Iterable[str] | None = None,
     values: dict[str, Any] | None = None,
     base: dict[str, Any] | None = None,
+    labels: dict[str, str] | None = None,
 ) -> T:
     """A checked `cls` from, in increasing priority: `base` values, a preset file, `--set` overrides, typed values.
 
     `values` maps dotted field names to Python values (typed CLI options) and is not parsed again;
-    its keys are named in errors as the option `--name`.
+    errors name a value's key as `labels[key]`, by default as the option `--name` of its last part.
     """
     data: dict[str, Any] = copy.deepcopy(base or {})
     origins: dict[Key, str] = {}
@@ -158,7 +159,7 @@ def load_config(
         origins[key], texts[key] = where, text.strip()
     for name, value in (values or {}).items():
         key = tuple(name.split("."))
-        where = "--" + key[-1].replace("_", "-")
+        where = (labels or {}).get(name) or "--" + key[-1].replace("_", "-")
         _put(data, key, value, where)
         origins[key] = where
     return from_dict(cls, data, origins, texts)

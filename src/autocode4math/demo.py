@@ -122,12 +122,14 @@ def train_config(config: DemoConfig, method: str) -> TrainConfig:
     )
 
 
-def rl_epochs(config: DemoConfig) -> int:
-    """Epochs of the RL baselines' M-step, so that every method makes the same number of trajectory passes.
+def rl_epochs(config: DemoConfig) -> float:
+    """Epochs of the RL baselines' M-step: exactly EM's trajectory passes, at every size.
 
-    EM trains on `per_query` subsampled trajectories per query for `epochs`; RL on all its 2k rollouts.
+    EM trains `epochs` times over `per_query` subsampled trajectories per query, RL over all its 2k
+    rollouts per query, so RL runs epochs * per_query / 2k epochs (a fraction trains a last pass over
+    that share of its rollouts). Rounding this to whole epochs gave RL twice EM's passes at --full.
     """
-    return max(1, round(config.epochs * config.per_query / (2 * config.k)))
+    return config.epochs * min(config.per_query, 2 * config.k) / (2 * config.k)
 
 
 def evaluate(

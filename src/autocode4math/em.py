@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from autocode4math.benchmarks import FieldNames
 from autocode4math.config import save_config
 from autocode4math.estep import NOT_IN_FINGERPRINT as ESTEP_NEUTRAL
 from autocode4math.estep import OUTPUTS as COLLECT_OUTPUTS
@@ -61,12 +62,11 @@ from autocode4math.io import JsonlAppender, read_json, read_jsonl, write_json, w
 from autocode4math.launch import LaunchConfig, launch_mstep
 from autocode4math.mstep import NOT_IN_FINGERPRINT as MSTEP_NEUTRAL
 from autocode4math.mstep import MStepConfig, mstep_stage, run_mstep
-from autocode4math.prompts import MODES
+from autocode4math.prompts import CODE_PREFIX, MODES
+from autocode4math.rollout import resolve_model
 from autocode4math.sandbox import SandboxConfig
 
 METHODS = ("em", "rl", "sft")
-CHECKPOINTS = Path(__file__).parent / "checkpoints"
-"""Shipped toy checkpoints, addressable by name (toy-base, toy-sft)."""
 
 
 @dataclass
@@ -86,6 +86,8 @@ class DevEval:
     def __post_init__(self) -> None:
         if self.every < 0:
             raise ValueError(f"every must be >= 0, got {self.every}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1 (None: all), got {self.limit}")
         if not self.modes or set(self.modes) - set(MODES):
             raise ValueError(f"modes must be a non-empty subset of {MODES}, got {self.modes}")
 
@@ -102,6 +104,8 @@ class TrainConfig:
     """Training queries: anything `load_problems` reads (its train split)."""
     queries_limit: int | None = None
     """Use only the first `queries_limit` queries (None: all)."""
+    fields: FieldNames = field(default_factory=FieldNames)
+    """Names of the question/answer/id fields in a queries file or Hub dataset (default: detected)."""
     iterations: int = 3
     out: str = "runs/train"
     """Run directory (resumed when it already exists)."""
@@ -128,6 +132,8 @@ class TrainConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {self.iterations}")
+        if self.queries_limit is not None and self.queries_limit < 1:
+            raise ValueError(f"queries_limit must be >= 1 (None: all), got {self.queries_limit}")
         if self.rl_samples < 2:
             raise ValueError("rl_samples must be >= 2 (the advantage is normalised within a query's group)")
         if self.sft_per_iteration < 1:
@@ -141,15 +147,6 @@ class TrainConfig:
             )
         if self.fleet.server and self.estep.backend != "openai":
             raise ValueError("fleet.server starts an OpenAI-compatible server: set estep.backend=openai")
-
-
-def resolve_model(name: str) -> str:
-    """A directory as given; a shipped toy checkpoint by name; anything else is passed on (hub id)."""
-    if Path(name).exists():
-        return str(name)
-    if (CHECKPOINTS / name / "config.json").exists():
-        return str(CHECKPOINTS / name)
-    return name
 
 
 class RunState:
@@ -180,8 +177,9 @@ def train(config: TrainConfig, progress: bool = True, overwrite: bool = False) -
     """
     from autocode4math.benchmarks import load_problems
 
+    policy = resolve_model(config.model)  # a checkpoint the M-step trains, whatever serves its rollouts
+    problems = load_problems(config.queries, split="train", limit=config.queries_limit, **config.fields.as_kwargs())
     run = Path(config.out)
-    problems = load_problems(config.queries, split="train", limit=config.queries_limit)
     plan = stage_plan(config, run, problems)
     state = RunState(run)
     for key, stage in plan.items():  # stages not started yet record theirs when they start
@@ -190,7 +188,6 @@ def train(config: TrainConfig, progress: bool = True, overwrite: bool = False) -
         if stage.directory.exists():
             guard(stage, overwrite)
     save_config(config, run / "config.yaml")
-    policy = resolve_model(config.model)
     spent = {"tokens": 0, "train_tokens": 0}
     rows = []
     with open_engines(config.fleet, config.estep.backend, backend_options(config.estep), config.sandbox) as engines:
@@ -365,52 +362,37 @@ def collect_sft(config: TrainConfig, policy: str, out: Path, it: int) -> dict:
         rows = list(read_jsonl(config.sft_data))
         chunk = [rows[((it - 1) * n + i) % len(rows)] for i in range(n)]
     else:
-        chunk = toy_sft_records(policy, it * n)[-n:]
+        chunk = toy_sft_records(policy, it * n, code_prefix=config.estep.prompt.code_prefix)[-n:]
     data = out / "train.jsonl"
     write_jsonl(data, chunk)
     return {"data": str(data), "tokens": 0, "train_tokens": _train_tokens(data)}
 
 
-def toy_sft_records(policy: str, n: int, seed: int = 1) -> list[dict[str, Any]]:
-    """The first `n` records of the toy world's fixed SFT set (code chosen at random, not by family)."""
+def toy_sft_records(policy: str, n: int, seed: int = 1, code_prefix: str = CODE_PREFIX) -> list[dict[str, Any]]:
+    """The first `n` records of the toy world's fixed SFT set, tokenized and masked as the engine records them."""
     from transformers import AutoTokenizer
 
-    from autocode4math.rollout.engine import encode, encode_prompt
+    from autocode4math.rollout.engine import encode, encode_prompt, response_tokens
     from autocode4math.toyworld import held_out_questions, sft_corpus
 
     tokenizer = AutoTokenizer.from_pretrained(policy)
     rows = []
     for i, demo in enumerate(sft_corpus(n, seed, exclude=held_out_questions())):
-        response_ids = encode(tokenizer, demo.response) + [tokenizer.eos_token_id]
-        rows.append(
-            {
-                "key": f"sft/{i}",
-                "prompt_ids": encode_prompt(tokenizer, demo.prompt),
-                "prefix_ids": encode(tokenizer, demo.prefix),
-                "response_ids": response_ids,
-                "response_mask": _tool_mask(tokenizer, demo.response, response_ids),
-                "advantage": 1.0,
-                "c": int("```python" in demo.response),
-                "correct": True,
-                "used_code": "```python" in demo.response,
-            }
-        )
+        response_ids, mask, _ = response_tokens(tokenizer, demo.response, tokenizer.eos_token_id)
+        row = {
+            "key": f"sft/{i}",
+            "prompt_ids": encode_prompt(tokenizer, demo.prompt),
+            "prefix": demo.prefix,
+            "prefix_ids": encode(tokenizer, demo.prefix),
+            "response": demo.response,
+            "response_ids": response_ids,
+            "response_mask": mask,
+            "advantage": 1.0,
+            "correct": True,
+            "used_code": "```python" in demo.response,
+        }
+        rows.append({**row, "c": decision_of(row, code_prefix)})
     return rows
-
-
-def _tool_mask(tokenizer: Any, response: str, response_ids: list[int]) -> list[int]:
-    """1 for every token outside ```output blocks, 0 inside them (tool text is never trained on)."""
-    from autocode4math.rollout.engine import encode
-
-    mask: list[int] = []
-    for i, piece in enumerate(response.split("```output")):
-        if i == 0:
-            mask += [1] * len(encode(tokenizer, piece))
-            continue
-        tool, _, rest = piece.partition("```\n")
-        mask += [0] * len(encode(tokenizer, "```output" + tool + "```\n")) + [1] * len(encode(tokenizer, rest))
-    mask += [1] * (len(response_ids) - len(mask))
-    return mask[: len(response_ids)]
 
 
 def _train_tokens(path: Path) -> int:

@@ -35,7 +35,7 @@ from typing import Any
 from autocode4math.fingerprint import SANDBOX_PLACEMENT, Stage, guard, model_identity, problems_digest, settings_of
 from autocode4math.health import HealthConfig, check, reusable_records
 from autocode4math.io import JsonlAppender, write_json, write_jsonl
-from autocode4math.prompts import PromptConfig
+from autocode4math.prompts import CODE_PREFIX, PromptConfig
 from autocode4math.rollout.engine import RolloutConfig, RolloutRequest, encode
 from autocode4math.sandbox import SandboxConfig, open_sandbox
 
@@ -106,8 +106,14 @@ def _code_prefixed(record: dict[str, Any], code_prefix: str) -> bool:
 
 
 def decision_of(record: dict[str, Any], code_prefix: str) -> int:
-    """c of a trajectory: 1 if the code prefix was forced or code was executed, else 0."""
-    return int(_code_prefixed(record, code_prefix) or bool(record["used_code"]))
+    """The code decision c of a trajectory, the one definition of docs/method.md ("The code decision c").
+
+    c = 1 when the code prefix stands at the trajectory's decision point, forced or written by the model
+    as its first words, or when it executed code; else 0. The prefix decides, not what follows it: a
+    prefixed trajectory that then runs no code took c = 1 and declined code afterwards.
+    """
+    written = record["response"].lstrip().startswith(code_prefix.strip())
+    return int(_code_prefixed(record, code_prefix) or written or bool(record["used_code"]))
 
 
 def q_values(records: Sequence[dict[str, Any]], code_prefix: str) -> dict[str, dict[int, float | None]]:
@@ -120,12 +126,17 @@ def q_values(records: Sequence[dict[str, Any]], code_prefix: str) -> dict[str, d
     return {qid: {c: (ok / n if n else None) for c, (ok, n) in enumerate(cells)} for qid, cells in counts.items()}
 
 
-def code_prior(records: Sequence[dict[str, Any]], prior: float = 1.0) -> dict[str, float]:
-    """pi(c=1|x) per query id from auto-mode rollouts without a forced prefix, Beta(prior, prior) smoothed."""
+def code_prior(
+    records: Sequence[dict[str, Any]], prior: float = 1.0, code_prefix: str = CODE_PREFIX
+) -> dict[str, float]:
+    """pi(c=1|x) per query id from auto-mode rollouts without a forced prefix, Beta(prior, prior) smoothed.
+
+    A rollout counts as c=1 by `decision_of`: it wrote the code prefix itself or executed code.
+    """
     counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for r in records:
         if r["mode"] == "auto" and not r["prefix"]:
-            counts[str(r["id"])][0] += int(bool(r["used_code"]))
+            counts[str(r["id"])][0] += decision_of(r, code_prefix)
             counts[str(r["id"])][1] += 1
     out = {}
     for qid, (k, n) in counts.items():
@@ -187,7 +198,7 @@ def subsample(
     `c`, `advantage` and `key`.
     """
     code_prefix = config.prompt.code_prefix
-    q, pi = q_values(records, code_prefix), code_prior(records, config.pi_prior)
+    q, pi = q_values(records, code_prefix), code_prior(records, config.pi_prior, code_prefix)
     adv = advantages(records, config.adv_eps)
     by_query: dict[str, list[int]] = defaultdict(list)
     for i, r in enumerate(records):
@@ -223,7 +234,8 @@ def add_decision_tokens(record: dict[str, Any], tokenizer: Any, code_prefix_text
 
     `decision_context_ids` are the prompt plus any partial solution (mid-reasoning); `decision_ids` are
     the code-prefix tokens whose probability is pi_theta(c=1|x). They are empty (no decision term)
-    for a c=1 trajectory that wrote code without the prefix: its choice lies in its own tokens.
+    for a c=1 trajectory whose prefix was not forced (it wrote the prefix, or code, itself): its choice
+    lies in its own tokens, which the policy term trains; a decision term on them could only repeat it.
     """
     forced = _code_prefixed(record, code_prefix)
     if record["c"] == 1 and not forced:
@@ -252,7 +264,8 @@ def mid_requests(
     code_text = config.prompt.code_prefix + "\n"
     sources: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
-        if r["mode"] == "auto" and not r["prefix"] and not r["used_code"] and r["finish_reason"] == "answer":
+        c = decision_of(r, config.prompt.code_prefix)
+        if r["mode"] == "auto" and not r["prefix"] and not c and r["finish_reason"] == "answer":
             sources[str(r["id"])].append(r)
     requests, partials = [], {}
     for qid in sorted(sources):

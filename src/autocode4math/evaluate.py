@@ -34,13 +34,14 @@ from autocode4math.analysis import (
     plot_benchmark,
     plot_pareto,
 )
+from autocode4math.benchmarks import FieldNames
 from autocode4math.config import save_config
 from autocode4math.fingerprint import SANDBOX_PLACEMENT, ResumeError, Stage, guard, model_identity, settings_of
 from autocode4math.fleet import FleetConfig, as_rollouts, open_engines
 from autocode4math.health import HealthConfig, alarms, check, reusable_records, tool_counts
-from autocode4math.io import JsonlAppender, read_done, write_json, write_jsonl
+from autocode4math.io import DataError, JsonlAppender, read_done, write_json, write_jsonl
 from autocode4math.prompts import MODES, PromptConfig
-from autocode4math.rollout import BACKENDS, RolloutConfig, RolloutRequest, make_requests
+from autocode4math.rollout import BACKENDS, RolloutConfig, RolloutRequest, make_requests, resolve_model
 from autocode4math.sandbox import SandboxConfig
 
 PAPER_SAMPLING = {"aime24": (64, 0.6), "amc23": (64, 0.6)}
@@ -62,6 +63,8 @@ class EvalConfig:
     """Shipped benchmark names or anything `load_problems` reads (toy, a file, a HF dataset id)."""
     benchmark_files: list[str] = field(default_factory=list)
     """Extra benchmark files (.jsonl/.json/.parquet); the loader names the benchmark."""
+    fields: FieldNames = field(default_factory=FieldNames)
+    """Names of the question/answer/id fields in benchmark files and Hub datasets (default: detected)."""
     modes: list[str] = field(default_factory=lambda: list(MODES))
     """Modes to run: auto, cot, code. Union and selection accuracy need all three."""
     n: int | None = None
@@ -126,9 +129,9 @@ def _load(config: EvalConfig) -> dict[str, list[Any]]:
 
     groups: dict[str, list[Any]] = {}
     for source in [*config.benchmarks, *config.benchmark_files]:
-        problems = load_problems(source, limit=config.limit)
+        problems = load_problems(source, limit=config.limit, **config.fields.as_kwargs())
         if not problems:
-            raise ValueError(f"benchmark {source!r} has no problems")
+            raise DataError(f"benchmark {source!r} has no problems")
         groups.setdefault(problems[0].benchmark, []).extend(problems)
     return groups
 
@@ -145,8 +148,6 @@ def backend_options(config: EvalConfig) -> dict[str, Any]:
 @contextmanager
 def _rollouts(config: EvalConfig, backend: Any, sandbox: Any, grader: Any, rollouts: Any) -> Iterator[Any]:
     """The rollouts given, a given backend (and sandbox, grader) run here, or the engines `config.fleet` describes."""
-    if not config.model and rollouts is None and backend is None:
-        raise ValueError("EvalConfig.model is empty: give --model PATH_OR_ID")
     if rollouts is not None or backend is not None or sandbox is not None or grader is not None:
         options = backend_options(config)
         yield rollouts or as_rollouts(backend or config.model, config.backend, options, sandbox, grader)
@@ -211,14 +212,17 @@ def run_eval(
     """Run (or resume) the evaluation; write samples, metrics, report and plots; return the metrics.
 
     Trajectories run on `rollouts` when given (e.g. a training run's fleet), else on `backend` (and
-    `sandbox`, `grader`) in this process, else on the engines `config.fleet` describes.
+    `sandbox`, `grader`) in this process, else on the engines `config.fleet` describes. The model (when
+    this function loads it) and the benchmarks are checked before anything is written.
     Samples made under another fingerprint (`fingerprint_settings`, or `fingerprint` when the caller
     knows the model's identity) or for a question that has changed raise ResumeError, or are
     discarded with `overwrite`. A tool-health alarm (`config.health`) raises ToolHealthError after
     the outputs are written.
     """
-    out = Path(config.out)
+    if backend is None and rollouts is None:
+        config = dataclasses.replace(config, model=resolve_model(config.model, config.backend))
     groups = _load(config)
+    out = Path(config.out)
     guard(Stage(out, "evaluation", fingerprint or fingerprint_settings(config), OUTPUTS), overwrite)
     samples = out / "samples.jsonl"
     done = _reusable(samples, groups, overwrite)
@@ -286,7 +290,7 @@ def write_outputs(
     labels: dict[str, dict[str, dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """metrics.json, report.md, two PNGs per benchmark, and the table on the terminal."""
-    benchmarks = all_metrics(records)
+    benchmarks = all_metrics(records, config.prompt.code_prefix)
     cost = {bench: cost_points({config.model: m}) for bench, m in benchmarks.items()}
     metrics = {
         "model": config.model,
@@ -295,7 +299,10 @@ def write_outputs(
         "sampling": {b: {"n": n, "temperature": t} for b, (n, t) in sampling.items()},
         "benchmarks": benchmarks,
         "breakdown": {
-            bench: {key: breakdown([r for r in records if r["benchmark"] == bench], ids) for key, ids in by_key.items()}
+            bench: {
+                key: breakdown([r for r in records if r["benchmark"] == bench], ids, config.prompt.code_prefix)
+                for key, ids in by_key.items()
+            }
             for bench, by_key in (labels or {}).items()
         },
         "cost": cost,

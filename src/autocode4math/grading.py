@@ -101,7 +101,8 @@ def _braced(text: str, start: int) -> str | None:
     return None
 
 
-def _last_boxed(text: str) -> str | None:
+def last_boxed(text: str) -> str | None:
+    """The content of the last `\\boxed{}` (or `\\fbox{}`) in `text`, or None."""
     for match in reversed(list(_BOX.finditer(text))):
         end = match.end()
         if end < len(text) and text[end] == "{":
@@ -131,7 +132,7 @@ def extract_answer(response: str, benchmark: str | None = None) -> str | None:
     GSM8K alone also accepts `#### N` and then the last number, as its convention calls for.
     """
     text = _FENCE.sub(" ", response)
-    boxed = _last_boxed(text)
+    boxed = last_boxed(text)
     if boxed is not None:
         return boxed
     if benchmark in LAST_NUMBER_BENCHMARKS and "####" in text:

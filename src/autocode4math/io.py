@@ -34,11 +34,11 @@ def read_jsonl(path: str | Path, torn_tail_ok: bool = False) -> Iterator[dict[st
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line.rstrip("\r\n"))  # so an error past the content names its column
             except json.JSONDecodeError as e:
                 if torn_tail_ok and not line.endswith("\n"):
                     return
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
             yield row

@@ -64,8 +64,8 @@ class MStepConfig:
     """Linear warmup steps."""
     min_lr_ratio: float = 0.1
     """Final learning rate of the cosine schedule, as a share of lr."""
-    epochs: int = 1
-    """Passes over the training set."""
+    epochs: float = 1
+    """Passes over the training set; a fractional part trains a last pass on that share of its shuffled order."""
     max_steps: int = 0
     """If > 0, stop after this many optimizer steps (the schedule spans them)."""
     micro_batch_size: int = 4
@@ -112,7 +112,7 @@ class MStepConfig:
             "weight_decay": self.weight_decay >= 0,
             "warmup_steps": self.warmup_steps >= 0,
             "min_lr_ratio": 0 <= self.min_lr_ratio <= 1,
-            "epochs": self.epochs >= 1,
+            "epochs": self.epochs > 0,
             "max_steps": self.max_steps >= 0,
             "micro_batch_size": self.micro_batch_size >= 1,
             "grad_accum": self.grad_accum >= 1,
@@ -329,11 +329,17 @@ def batch_loss(model: Any, batch: dict, config: MStepConfig) -> tuple[torch.Tens
     return loss, {"rl_loss": rl.detach(), "decision_loss": dec.detach(), **stats}
 
 
-def micro_batches(samples: Sequence[Sample], size: int, window: int, seed: int, epoch: int) -> list[list[int]]:
-    """One epoch's micro-batches of sample indices: shuffled, sorted by length within windows, shuffled again."""
+def micro_batches(
+    samples: Sequence[Sample], size: int, window: int, seed: int, epoch: int, keep: int | None = None
+) -> list[list[int]]:
+    """One epoch's micro-batches of sample indices: shuffled, sorted by length within windows, shuffled again.
+
+    `keep` limits the epoch to the first `keep` samples of its shuffled order (a fractional last epoch).
+    """
     rng = random.Random(f"{seed}/{epoch}")
     order = list(range(len(samples)))
     rng.shuffle(order)
+    order = order[:keep]
     span = size * window
     batches = []
     for lo in range(0, len(order), span):
@@ -414,26 +420,46 @@ def lr_lambda(step: int, config: MStepConfig, total: int) -> float:
 
 
 def step_plan(samples: Sequence[Sample], config: MStepConfig, world: int, rank: int) -> tuple[int, Callable]:
-    """(total optimizer steps, step -> this process's micro-batches for that step)."""
-    per_step = world * config.grad_accum
-    n_batches = math.ceil(len(samples) / config.micro_batch_size)
-    steps_per_epoch = n_batches // per_step
-    if steps_per_epoch == 0:
+    """(total optimizer steps, step -> this process's micro-batches for that step).
+
+    Steps take `world * grad_accum` micro-batches at a time, in order through the epochs' shuffled plans, so
+    no micro-batch is dropped: an epoch's leftover micro-batches share a step with the next epoch's first
+    ones, and only the last step may be short. A fractional `epochs` ends with a pass over that share of a
+    shuffled order, so `epochs * len(samples)` trajectories are trained (rounded to a whole one). A short
+    last step is filled from a further epoch's plan only where some process would otherwise get no
+    micro-batch (a distributed step needs a backward pass on every process). With `max_steps`, the epochs
+    run on, whole, until that many steps.
+    """
+    per_step, size = world * config.grad_accum, config.micro_batch_size
+    n_batches = math.ceil(len(samples) / size)
+    if n_batches < per_step:
         raise ValueError(
-            f"{len(samples)} samples make {n_batches} micro-batches of {config.micro_batch_size}, fewer than one "
+            f"{len(samples)} samples make {n_batches} micro-batches of {size}, fewer than one "
             f"optimizer step needs ({world} processes x grad_accum {config.grad_accum})"
         )
-    total = steps_per_epoch * config.epochs
-    if config.max_steps:
-        total = config.max_steps
+    full, rest = divmod(round(config.epochs * len(samples)), len(samples))
+    end = config.max_steps * per_step if config.max_steps else full * n_batches + math.ceil(rest / size)
+    partial = full if rest and not config.max_steps else None  # the epoch cut to `rest` samples
+    plans: dict[int, list[list[int]]] = {}
+
+    def plan(epoch: int) -> list[list[int]]:
+        if epoch not in plans:
+            plans.clear()  # a step spans at most two epochs: keep only what it needs
+            keep = rest if epoch == partial else None
+            plans[epoch] = micro_batches(samples, size, config.bucket_window, config.seed, epoch, keep)
+        return plans[epoch]
+
+    def micro_batch(g: int) -> list[int]:
+        if g >= end:  # filling a short last step: the epoch after the last one
+            return plan(full + 1)[(g - end) % n_batches]
+        return plan(g // n_batches)[g % n_batches]
 
     def batches_for(step: int) -> list[list[int]]:
-        epoch, within = divmod(step, steps_per_epoch)
-        plan = micro_batches(samples, config.micro_batch_size, config.bucket_window, config.seed, epoch)
-        chunk = plan[within * per_step : (within + 1) * per_step]
+        lo = step * per_step
+        chunk = [micro_batch(g) for g in range(lo, max(min(lo + per_step, end), lo + world))]
         return chunk[rank::world]
 
-    return total, batches_for
+    return math.ceil(end / per_step), batches_for
 
 
 def _load_model(model_dir: str, config: MStepConfig) -> tuple[Any, Any]:

@@ -11,11 +11,14 @@ A prompt is returned as two strings: `text` (everything up to where the assistan
 because in training the prefix is part of the *response*: its tokens are the ones that express the
 code decision c, and the M-step's cross-entropy term acts on them.
 
-Tokenizers with a chat template get it; others get the plain template below.
+Tokenizers with a chat template get it; others get the plain template below, with a warning (once per
+process) unless `use_chat_template` is off: a chat model whose template went missing would otherwise
+be evaluated on prompts it was never trained on, silently.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +27,10 @@ CODE_PREFIX = "Let's first analyze the problem, then consider if python code cou
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 COT_INSTRUCTION = "Please reason step by step without writing code, and put your final answer within \\boxed{}."
 PLAIN_TEMPLATE = "Question: {user}\nSolution:\n"
+NO_TEMPLATE = (
+    "the model's tokenizer has no chat template: prompts use the plain template 'Question: ... Solution:' "
+    "(set prompt.use_chat_template=false to say so and silence this)"
+)
 
 
 @dataclass
@@ -62,6 +69,8 @@ def build_prompt(question: str, mode: str, tokenizer: Any = None, config: Prompt
     instruction = config.cot_instruction if mode == "cot" else config.instruction
     user = f"{question.strip()}\n{instruction}"
     template = getattr(tokenizer, "chat_template", None) if config.use_chat_template else None
+    if config.use_chat_template and tokenizer is not None and not template:
+        warnings.warn(NO_TEMPLATE, stacklevel=2)
     if template:
         messages = [{"role": "user", "content": user}]
         if config.system:

@@ -13,7 +13,7 @@ What the caller gets: `ExecResult` with a status (`ok`, `error`, `timeout`, `mem
 `crashed`, `dead`, `sandbox_error`), capped output that is valid UTF-8, and the end of the traceback.
 Nothing the code does raises here, and a failure of the sandbox itself (a session that cannot start,
 a session that breaks the message protocol) is the block's `sandbox_error` result, not an exception.
-Everything a session sends is validated as untrusted input (`_frame`); one session can neither crash
+Everything a session sends is validated as untrusted input (sandbox_protocol); one session can neither crash
 the pool nor slow other sessions. The pool is thread-safe: any thread may open, run and close sessions.
 
 Throughput: sessions are forked ahead of need (`prefork`) so their set-up overlaps other sessions'
@@ -28,13 +28,11 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import errno
 import itertools
 import json
 import math
 import os
 import re
-import select
 import shutil
 import signal
 import socket
@@ -50,7 +48,7 @@ from typing import Any
 
 from autocode4math.sandbox_host import UID_BASE, MemoryCgroups, UidLeases, remove_tree, scratch_root
 from autocode4math.sandbox_host import sweep_stale_scratch as _sweep_stale_scratch
-from autocode4math.sandbox_worker import MAX_FRAME
+from autocode4math.sandbox_protocol import MAX_FRAME, ProtocolError, parse_frame, poll, recv, send_before
 
 __all__ = ["UID_BASE", "ExecResult", "SandboxConfig", "SandboxError", "SandboxPool", "execute", "open_sandbox"]
 
@@ -171,45 +169,6 @@ def open_sandbox(config: SandboxConfig | None = None) -> Any:
 
         return RemoteSandbox(config)
     return SandboxPool(config)
-
-
-class _ProtocolError(Exception):
-    """A session sent something that is not a valid frame (it is killed; the block ends in sandbox_error)."""
-
-
-_FRAME_FIELDS: dict[str, dict[str, type]] = {
-    "ready": {"layers": list},
-    "fatal": {"error": str},
-    "out": {"n": int, "s": str},
-    "done": {"n": int, "status": str, "error": str, "tail": str, "dropped": int, "stderr": str},
-}
-_DONE_STATUSES = {"ok", "error", "memory", "exited"}
-
-
-def _frame(data: bytes, truncated: bool) -> dict:
-    """Parse and validate one frame from a session (untrusted): a dict of one known type with typed fields."""
-    if truncated:
-        raise _ProtocolError(f"a frame longer than {MAX_FRAME} bytes")
-    try:
-        msg = json.loads(data)
-    except (ValueError, RecursionError) as e:
-        raise _ProtocolError(f"a frame that is not valid JSON ({type(e).__name__})") from None
-    fields = _FRAME_FIELDS.get(msg.get("t")) if isinstance(msg, dict) and isinstance(msg.get("t"), str) else None
-    if fields is None or set(msg) != {"t", *fields}:
-        raise _ProtocolError("a frame of unknown type or with unexpected fields")
-    for name, kind in fields.items():
-        value = msg[name]
-        if not isinstance(value, kind) or isinstance(value, bool):
-            raise _ProtocolError(f"field {name!r} of a {msg['t']!r} frame is not a {kind.__name__}")
-        if kind is int and not 0 <= value < 2**53:
-            raise _ProtocolError(f"field {name!r} of a {msg['t']!r} frame is out of range")
-    if msg["t"] == "done" and msg["status"] not in _DONE_STATUSES:
-        raise _ProtocolError(f"a result with status {msg['status'][:40]!r}")
-    if msg["t"] == "ready" and not (
-        len(msg["layers"]) <= 64 and all(isinstance(x, str) and len(x) <= 40 for x in msg["layers"])
-    ):
-        raise _ProtocolError("a malformed list of layers")
-    return msg
 
 
 @dataclass
@@ -373,21 +332,31 @@ class SandboxPool:
             self._slots = self._free = []
         shutil.rmtree(self._base, ignore_errors=True)
 
+    def cpu_seconds(self) -> float:
+        """CPU used so far by the template and every session it has reaped (user + system; for benchmarks)."""
+        template = self._template
+        if template is None:
+            return 0.0
+        try:
+            with open(f"/proc/{template.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
     # ------------------------------------------------------------ template
 
     def _start_template(self) -> None:
         """(Re)start the template; called with the lock held."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         src = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = dict(
-            _SAFE_ENV, PYTHONPATH=src, PYTHONDONTWRITEBYTECODE="1", AUTOCODE_THP=os.environ.get("AUTOCODE_THP", "1")
-        )
+        env = dict(_SAFE_ENV, PYTHONPATH=src, PYTHONDONTWRITEBYTECODE="1")
         cmd = [sys.executable, "-m", "autocode4math.sandbox_worker", str(child.fileno())]
         self._template = subprocess.Popen(cmd, env=env, pass_fds=[child.fileno()], cwd=self._base,
                                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)  # fmt: skip
         child.close()
         self._ctl = parent
-        ready = _recv(parent, self.config.start_timeout_s)
+        ready = recv(parent, self.config.start_timeout_s)
         if not ready or b"template-ready" not in ready[0]:
             self._stop_template()
             raise SandboxError("the sandbox template did not start (see its stderr above)")
@@ -489,7 +458,7 @@ class SandboxPool:
         """Wait until the template reported the pid and the session its layers (raises SandboxError)."""
         deadline = time.monotonic() + self.config.start_timeout_s
         while proc.pid == 0 or proc.layers is None:
-            ready = _poll([proc.report, proc.data], deadline - time.monotonic())
+            ready = poll([proc.report, proc.data], deadline - time.monotonic())
             if not ready:
                 raise SandboxError(f"a sandbox session did not start within {self.config.start_timeout_s:g} s")
             if proc.report in ready:
@@ -497,12 +466,12 @@ class SandboxPool:
                 if msg.get("t") == "fatal" or proc.exited:
                     raise SandboxError(f"a sandbox session failed to start: {msg.get('error') or msg}")
             if proc.data in ready:
-                got = _recv(proc.data, 0)
+                got = recv(proc.data, 0)
                 if got is None:
                     raise SandboxError("a sandbox session exited while starting")
                 try:
-                    msg = _frame(*got)
-                except _ProtocolError as e:
+                    msg = parse_frame(*got)
+                except ProtocolError as e:
                     raise SandboxError(f"a sandbox session sent {e} while starting") from None
                 if msg["t"] != "ready":
                     raise SandboxError(f"a sandbox session failed to start: {msg.get('error', msg['t'])}")
@@ -510,7 +479,7 @@ class SandboxPool:
 
     def _report(self, proc: _Proc) -> dict:
         """Read one message from the template about `proc` (trusted); EOF means the template is gone."""
-        got = _recv(proc.report, 0)
+        got = recv(proc.report, 0)
         msg = json.loads(got[0]) if got and got[0] else {}
         if msg.get("t") == "hello" and isinstance(msg.get("pid"), int) and proc.pid == 0:
             proc.pid = msg["pid"]
@@ -563,9 +532,9 @@ class SandboxPool:
             closing = list(self._closing)
         if not closing:
             return
-        for proc in _poll([p.report for p in closing], wait):
+        for proc in poll([p.report for p in closing], wait):
             owner = next(p for p in closing if p.report is proc)
-            while not owner.exited and _poll([owner.report], 0):
+            while not owner.exited and poll([owner.report], 0):
                 self._report(owner)
         with self._lock:
             done = [p for p in self._closing if p.exited]
@@ -619,7 +588,7 @@ class SandboxPool:
         start = time.monotonic()
         deadline = start + timeout
         payload = json.dumps(msg, ensure_ascii=False).encode("utf-8", "replace")
-        sent = _send(proc.data, payload, deadline) if len(payload) <= MAX_FRAME else None
+        sent = send_before(proc.data, payload, deadline) if len(payload) <= MAX_FRAME else None
         if sent is None:
             return ExecResult("error", "", f"CodeTooLong: the block is {len(payload)} bytes encoded", 0.0)
         if not sent:
@@ -628,7 +597,7 @@ class SandboxPool:
         room = self.config.max_output_chars // 2
         budget = 64 * self.config.max_output_chars + 2 * MAX_FRAME  # bytes a block may send in all
         while True:
-            ready = _poll([proc.data, proc.report], deadline - time.monotonic())
+            ready = poll([proc.data, proc.report], deadline - time.monotonic())
             if not ready:
                 return self._timed_out(sess, "".join(head), start, timeout)
             if proc.report in ready:
@@ -637,18 +606,18 @@ class SandboxPool:
                     return self._died(sess, "".join(head), start)
             if proc.data not in ready:
                 continue
-            got = _recv(proc.data, 0)
+            got = recv(proc.data, 0)
             if got is None:  # B closed its end: it is dying; the template reports how
                 self._await_exit(proc, 2.0)
                 return self._died(sess, "".join(head), start)
             budget -= len(got[0])
             try:
-                frame = _frame(*got)
+                frame = parse_frame(*got)
                 if budget < 0:
-                    raise _ProtocolError("more data than any block may produce")
+                    raise ProtocolError("more data than any block may produce")
                 if frame["t"] not in ("out", "done"):
-                    raise _ProtocolError(f"an unexpected {frame['t']!r} frame")
-            except _ProtocolError as e:
+                    raise ProtocolError(f"an unexpected {frame['t']!r} frame")
+            except ProtocolError as e:
                 return self._broken(sess, str(e), "".join(head), start)
             if frame["n"] != n:
                 continue  # a stray frame from an earlier block (e.g. a thread it left running)
@@ -661,7 +630,7 @@ class SandboxPool:
 
     def _await_exit(self, proc: _Proc, wait: float) -> None:
         deadline = time.monotonic() + wait
-        while not proc.exited and _poll([proc.report], deadline - time.monotonic()):
+        while not proc.exited and poll([proc.report], deadline - time.monotonic()):
             self._report(proc)
 
     def _timed_out(self, sess: _Session, head: str, start: float, timeout: float) -> ExecResult:
@@ -716,53 +685,3 @@ def _finished(msg: dict, head: str, max_chars: int, duration: float) -> ExecResu
 
 def _cut_marker(head: str, why: str) -> str:
     return f"{head}\n... [output cut: {why}]" if head else ""
-
-
-def _poll(socks: list[socket.socket], timeout: float) -> list[socket.socket]:
-    """The sockets among `socks` that are readable (or closed) within `timeout` seconds."""
-    poller = select.poll()
-    by_fd = {}
-    for sock in socks:
-        if sock.fileno() >= 0:
-            poller.register(sock, select.POLLIN)
-            by_fd[sock.fileno()] = sock
-    if not by_fd:
-        return []
-    return [by_fd[fd] for fd, _ in poller.poll(max(0.0, timeout) * 1000)]
-
-
-def _recv(sock: socket.socket, timeout: float) -> tuple[bytes, bool] | None:
-    """One message and whether it was truncated, or None on timeout / end of file (an empty message is b"")."""
-    if timeout > 0 and not _poll([sock], timeout):
-        return None
-    try:
-        data, _anc, flags, _addr = sock.recvmsg(MAX_FRAME, 0, socket.MSG_DONTWAIT)
-    except OSError:
-        return None
-    if not data and _hung_up(sock):
-        return None
-    return data, bool(flags & socket.MSG_TRUNC)
-
-
-def _hung_up(sock: socket.socket) -> bool:
-    poller = select.poll()
-    poller.register(sock, select.POLLIN)
-    return any(events & (select.POLLHUP | select.POLLERR) for _fd, events in poller.poll(0))
-
-
-def _send(sock: socket.socket, payload: bytes, deadline: float) -> bool | None:
-    """Send one message without blocking past `deadline` (a session that stops reading cannot hang us).
-
-    False when the session is gone or stopped reading; None when the message is too long for the socket.
-    """
-    while True:
-        try:
-            sock.send(payload, socket.MSG_DONTWAIT)
-            return True
-        except BlockingIOError:
-            poller = select.poll()
-            poller.register(sock, select.POLLOUT)
-            if not poller.poll(max(0.0, deadline - time.monotonic()) * 1000):
-                return False
-        except OSError as e:
-            return None if e.errno == errno.EMSGSIZE else False

@@ -94,9 +94,8 @@ def private_namespaces(uid: int | None, scratch_mb: int, scratch_files: int, has
     if _libc.unshare(CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWNS) != 0:
         return []
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
-    attr = struct.pack("QQQQ", MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID, 0, 0, 0)
-    buf = ctypes.create_string_buffer(attr, len(attr))
-    rc = _libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, b"/", AT_RECURSIVE, buf, ctypes.c_size_t(len(attr)))
+    attr = _read_only_attr()
+    rc = _libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, b"/", AT_RECURSIVE, attr, ctypes.c_size_t(len(attr)))
     _check(rc, "mount_setattr / read-only")
     options = f"size={scratch_mb}m,nr_inodes={scratch_files},mode=0755"
     _mount("tmpfs", PRIVATE_ROOT, "tmpfs", MS_NOSUID | MS_NODEV, options)
@@ -112,6 +111,13 @@ def private_namespaces(uid: int | None, scratch_mb: int, scratch_files: int, has
         _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
         layers.append("private-proc")
     return layers
+
+
+@functools.cache
+def _read_only_attr() -> ctypes.Array:
+    """struct mount_attr setting read-only and nosuid (built once in the template: a new ctypes type costs ~1 ms)."""
+    raw = struct.pack("QQQQ", MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID, 0, 0, 0)
+    return ctypes.create_string_buffer(raw, len(raw))
 
 
 # ---------------------------------------------------------------- rlimits and privileges
@@ -273,23 +279,33 @@ def seccomp_program(arch: str, deny_times: bool) -> list[tuple[int, int, int, in
 
 
 @functools.cache
-def seccomp_bytes(deny_times: bool) -> bytes:
-    """The filter of `seccomp_program` for this machine, packed (b"" if unsupported); the template caches it."""
+def seccomp_fprog(deny_times: bool) -> tuple[ctypes.Array, ctypes.Array] | None:
+    """The packed filter of `seccomp_program` for this machine and its struct sock_fprog (None if unsupported).
+
+    Built once in the template and inherited by every session (a new ctypes type costs about 1 ms).
+    """
     prog = seccomp_program(platform.machine(), deny_times)
-    return b"".join(struct.pack("HBBI", *ins) for ins in prog) if prog is not None else b""
+    if prog is None:
+        return None
+    raw = b"".join(struct.pack("HBBI", *ins) for ins in prog)
+    filters = ctypes.create_string_buffer(raw, len(raw))
+    fprog = struct.pack("HxxxxxxP", len(prog), ctypes.addressof(filters))
+    return filters, ctypes.create_string_buffer(fprog, len(fprog))
 
 
 def seccomp_filter(deny_times: bool) -> list[str]:
     """Install the filter of `seccomp_program` (needs no_new_privs, set by the caller); [] if unsupported."""
-    raw = seccomp_bytes(deny_times)
-    if not raw:
-        return []
-    buf = ctypes.create_string_buffer(raw, len(raw))
-    fprog = struct.pack("HxxxxxxP", len(raw) // 8, ctypes.addressof(buf))
-    fbuf = ctypes.create_string_buffer(fprog, len(fprog))
-    if _libc.prctl(PR_SET_SECCOMP, 2, fbuf, 0, 0) != 0:
+    built = seccomp_fprog(deny_times)
+    if built is None or _libc.prctl(PR_SET_SECCOMP, 2, built[1], 0, 0) != 0:
         return []
     return ["seccomp"]
+
+
+def prepare() -> None:
+    """Build, in the template, what every session's layers need, so that sessions inherit it ready."""
+    for deny_times in (False, True):
+        seccomp_fprog(deny_times)
+    _read_only_attr()
 
 
 # ---------------------------------------------------------------- Landlock and the audit-hook fallback

@@ -18,7 +18,7 @@ Process tree for one session and its two channels:
 * B applies the isolation layers of sandbox_layers (cgroup, namespaces, read-only host, private /tmp,
   rlimits, uid, seccomp, Landlock) and then executes code blocks received on its *data* socket. The code
   runs in B's own process and can reach that socket, so everything B sends is untrusted input for the
-  pool (sandbox._Frames validates it).
+  pool (sandbox_protocol.parse_frame validates it).
 
 Messages are JSON (never pickle: whatever B sends is untrusted data).
 Deliberately simplified: only Python-level `sys.stdout`/`sys.stderr` are captured; output written to
@@ -47,20 +47,13 @@ import traceback
 from collections.abc import Callable
 
 from autocode4math import sandbox_layers as layers
+from autocode4math.sandbox_protocol import MAX_FRAME, send
 
 PRELOAD = ("math", "itertools", "fractions", "numpy", "sympy")
-MAX_FRAME = 1 << 20
-"""Largest message either side reads; a longer one is a protocol violation."""
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS, PR_SET_CHILD_SUBREAPER = 1, 38, 36
 MADV_HUGEPAGE, MADV_COLLAPSE = 14, 25
 
 _libc = ctypes.CDLL(None, use_errno=True)
-
-
-def send(sock: socket.socket, obj: dict, block: bool = True) -> None:
-    """Send one JSON message; errors (the peer is gone, or its buffer is full when not blocking) are dropped."""
-    with contextlib.suppress(OSError):
-        sock.send(json.dumps(obj).encode()[:MAX_FRAME], 0 if block else socket.MSG_DONTWAIT)
 
 
 # ---------------------------------------------------------------- executing blocks (in B)
@@ -372,11 +365,9 @@ def template_main(ctl_fd: int) -> None:
         __import__(name)
     _warm_up()
     keep_fds = layers.reachable_paths()
-    for deny_times in (False, True):
-        layers.seccomp_bytes(deny_times)  # built once here, inherited by every session
+    layers.prepare()
     gc.freeze()  # keep the collector off the template's objects: children then share those pages for good
-    if os.environ.get("AUTOCODE_THP", "1") == "1":
-        huge_pages()
+    huge_pages()
     ctl = socket.socket(fileno=ctl_fd)
     _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans of sessions without a PID namespace come here
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)

@@ -29,7 +29,6 @@ import json
 import math
 import platform
 import random
-import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -41,11 +40,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from autocode4math import toyworld
+from autocode4math.rollout.engine import encode, encode_prompt, response_tokens
 
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
-_TOOL_SPAN = re.compile(r"(?<=```output)(\n.*?\n```\n)", re.DOTALL)
 
 
 def train_tokenizer(texts: Sequence[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
@@ -105,23 +104,10 @@ def build_model(config: ToyModelConfig, tokenizer: PreTrainedTokenizerFast) -> Q
 
 
 def encode_demo(tokenizer: PreTrainedTokenizerFast, demo: toyworld.Demo) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) of a demo, tokenized piecewise as the rollout engine does; labels -100 off the loss."""
-    ids: list[int] = []
-    labels: list[int] = []
-
-    def add(text: str, trained: bool) -> None:
-        piece = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-        ids.extend(piece)
-        labels.extend(piece if trained else [-100] * len(piece))
-
-    add(demo.prompt, False)
-    add(demo.prefix, False)
-    pieces = _TOOL_SPAN.split(demo.response)
-    for i, piece in enumerate(pieces):
-        add(piece, trained=i % 2 == 0)
-    ids.append(tokenizer.eos_token_id)
-    labels.append(tokenizer.eos_token_id)
-    return ids, labels
+    """(input_ids, labels) of a demo, tokenized as the rollout engine records it; labels -100 off the loss."""
+    context = encode_prompt(tokenizer, demo.prompt) + encode(tokenizer, demo.prefix)
+    response, mask, _ = response_tokens(tokenizer, demo.response, tokenizer.eos_token_id)
+    return context + response, [-100] * len(context) + [t if m else -100 for t, m in zip(response, mask, strict=True)]
 
 
 @dataclass
@@ -131,7 +117,8 @@ class PretrainConfig:
     stage: str = "base"
     """`base` (from scratch on the CoT-heavy corpus) or `sft` (fine-tune on the tool-integrated set)."""
     out_dir: str = ""
-    """Where to save; default: the package's checkpoints/toy-<stage>."""
+    """Where to save; default: runs/toy-<stage>. A directory holding a checkpoint (the shipped ones in the
+    package's checkpoints/ included) is replaced only by `pretrain(..., overwrite=True)`."""
     init_from: str = ""
     """Checkpoint to start from: the sft stage defaults to the package's toy-base; a base stage given one
     continues its pretraining (with its tokenizer) instead of starting from scratch."""
@@ -180,7 +167,7 @@ class PretrainConfig:
         toyworld.check_code_digits(self.sft_code_digits)
 
     def resolved_out_dir(self) -> Path:
-        return Path(self.out_dir) if self.out_dir else CHECKPOINT_DIR / f"toy-{self.stage}"
+        return Path(self.out_dir) if self.out_dir else Path("runs") / f"toy-{self.stage}"
 
 
 def _corpus(config: PretrainConfig) -> list[toyworld.Demo]:
@@ -232,8 +219,16 @@ def _lr_at(step: int, config: PretrainConfig) -> float:
     return config.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def pretrain(config: PretrainConfig, log: Callable[[str], None] = print) -> Path:
-    """Train one stage and save model + tokenizer + MADE_BY.md + train_log.jsonl in the output dir."""
+def pretrain(config: PretrainConfig, log: Callable[[str], None] = print, overwrite: bool = False) -> Path:
+    """Train one stage and save model + tokenizer + MADE_BY.md + train_log.jsonl in the output dir.
+
+    An output directory that already holds a checkpoint is refused (before any training) unless `overwrite`.
+    """
+    from autocode4math.config import ConfigError
+
+    out = config.resolved_out_dir()
+    if (out / "config.json").exists() and not overwrite:
+        raise ConfigError(f"{out} already holds a checkpoint; give another --out-dir, or --overwrite to replace it")
     torch.set_num_threads(config.threads)
     random.seed(config.seed)
     torch.manual_seed(config.seed)
@@ -244,7 +239,6 @@ def pretrain(config: PretrainConfig, log: Callable[[str], None] = print) -> Path
         f"stage {config.stage}: {sum(p.numel() for p in model.parameters()):,} parameters, {len(rows)} demos, "
         f"mean {sum(len(r[0]) for r in rows) / len(rows):.0f} tokens, longest {max(len(r[0]) for r in rows)}"
     )
-    out = config.resolved_out_dir()
     out.mkdir(parents=True, exist_ok=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     order = random.Random(config.seed)

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from autocode4math.rollout.engine import (
@@ -24,6 +25,8 @@ from autocode4math.rollout.engine import (
 )
 
 BACKENDS = ("hf", "openai", "vllm")
+SHIPPED_CHECKPOINTS = Path(__file__).parent.parent / "checkpoints"
+"""The toy checkpoints shipped with the package, addressable by name (toy-base, toy-sft)."""
 
 __all__ = [
     "BACKENDS",
@@ -36,19 +39,65 @@ __all__ = [
     "SamplingParams",
     "make_backend",
     "make_requests",
+    "resolve_model",
     "run_rollouts",
 ]
+
+
+def shipped_checkpoints() -> list[str]:
+    """Names of the shipped toy checkpoints."""
+    return sorted(p.parent.name for p in SHIPPED_CHECKPOINTS.glob("*/config.json"))
+
+
+def _path_like(model: str) -> bool:
+    """True when `model` can only be meant as a local path: a hub id is `name` or `org/name`."""
+    if model.startswith(("/", ".", "~")) or model.endswith("/") or "\\" in model or model.count("/") > 1:
+        return True
+    return "/" in model and Path(model.split("/")[0]).is_dir()
+
+
+def resolve_model(model: str, backend: str = "hf") -> str:
+    """The checkpoint `model` names: a local directory, a shipped toy checkpoint (toy-base, toy-sft), or a hub id.
+
+    Checked before anything loads: an empty name, or a path that does not exist, is a ConfigError, so a
+    mistyped directory never turns into a Hugging Face Hub lookup. For the openai backend `model` is the
+    served model's name and is returned as it is.
+    """
+    from autocode4math.config import ConfigError
+
+    if not model:
+        raise ConfigError("no model given: pass --model with a checkpoint directory, a hub id or toy-base/toy-sft")
+    if backend == "openai":
+        return model
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError(f"model {model!r}: is a file, not a checkpoint directory")
+        return model
+    if (SHIPPED_CHECKPOINTS / model / "config.json").exists():
+        return str(SHIPPED_CHECKPOINTS / model)
+    if _path_like(model):
+        raise ConfigError(
+            f"model {model!r}: directory does not exist (shipped checkpoints: {', '.join(shipped_checkpoints())})"
+        )
+    return model
 
 
 def make_backend(name: str, model: str, **options: Any) -> Backend:
     """Build backend `name` for `model` (a path or hub id; for openai also the served model name).
 
-    Options go to the backend's constructor (e.g. batch_size for hf, base_url for openai).
+    Options go to the backend's constructor (e.g. batch_size for hf, base_url for openai). A model that
+    transformers cannot load (not on the Hub, no network, not a checkpoint) is a ConfigError naming it.
     """
     if name == "hf":
+        from autocode4math.config import ConfigError
         from autocode4math.rollout.hf import HFBackend
 
-        return HFBackend(model, **options)
+        try:
+            return HFBackend(resolve_model(model), **options)
+        except OSError as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"model {model!r}: cannot be loaded ({reason})") from None
     if name == "openai":
         from autocode4math.rollout.openai import OpenAIBackend
 
@@ -56,5 +105,5 @@ def make_backend(name: str, model: str, **options: Any) -> Backend:
     if name == "vllm":
         from autocode4math.rollout.vllm import VLLMBackend
 
-        return VLLMBackend(model, **options)
+        return VLLMBackend(resolve_model(model, name), **options)
     raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")

@@ -3,6 +3,8 @@
 Why token ids: training masks tool output out of the loss and reuses the exact tokens the model
 sampled, so the engine keeps `prompt_ids`, `prefix_ids` and `response_ids` as produced, never
 re-tokenizing a whole transcript. Tool-inserted text is tokenized on its own and appended with mask 0.
+`response_tokens` replays a written response (an SFT demonstration) through the same appends, so
+which tokens are trained is decided in one place for rollouts and fixed datasets alike.
 
 Rounds are batched across trajectories: each round, every active trajectory asks the backend for
 a continuation in one call, and every code block of the round runs in one `SandboxPool.run_many`
@@ -212,6 +214,28 @@ class _Trajectory:
         self.since_tool = self.since_tool + text if kind == "model" else ""
 
 
+def tool_text(result: Any) -> str:
+    """What the engine inserts after a stop string: the code block's feedback inside the output fence."""
+    return "\n" + result.feedback() + "\n```\n"
+
+
+def response_tokens(
+    tokenizer: Any, response: str, eos_id: int | None = None, stop: str = STOP
+) -> tuple[list[int], list[int], list[dict]]:
+    """(response_ids, response_mask, segments) the engine records when a model writes `response`.
+
+    The text is cut as the engine builds it: model text up to and including each stop string (mask 1:
+    the model writes the stop string), then the tool's inserted output up to its closing fence (mask 0),
+    each piece tokenized on its own; `eos_id` ends the last model piece, as a model that finished does.
+    """
+    t = _Trajectory(request=None, prompt="", prompt_ids=[], prefix_ids=[])
+    pieces = re.split(f"(?<={re.escape(stop)})(\n.*?\n```\n)", response, flags=re.DOTALL)
+    for i, piece in enumerate(pieces):
+        ids = encode(tokenizer, piece) + ([eos_id] if eos_id is not None and i == len(pieces) - 1 else [])
+        t.append(ids, piece, "tool" if i % 2 else "model")
+    return t.response_ids, t.mask, t.segments
+
+
 def _start(tokenizer: Any, request: RolloutRequest, prompt_config: PromptConfig | None) -> _Trajectory:
     prompt = build_prompt(request.problem.question, request.mode, tokenizer, prompt_config)
     return _Trajectory(request, prompt.text, encode_prompt(tokenizer, prompt.text), encode(tokenizer, request.prefix))
@@ -247,7 +271,7 @@ def _after_generation(t: _Trajectory, gen: Generation, config: RolloutConfig) ->
 
 
 def _insert_output(t: _Trajectory, code: str, result: Any, tokenizer: Any, config: RolloutConfig) -> None:
-    text = "\n" + result.feedback() + "\n```\n"
+    text = tool_text(result)
     block = {"code": code, "status": result.status, "output": result.stdout, "error": result.error}
     t.code_blocks.append({**block, "duration_s": result.duration_s})
     t.append(encode(tokenizer, text), text, "tool")

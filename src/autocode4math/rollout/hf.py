@@ -6,12 +6,17 @@ afterwards at the token that completed the stop string or at its first EOS (`fin
 transformers matches stop strings across the whole sequence, context included; a row it stopped on
 a match that started in the context (so the generated text alone lacks the stop string) ends as EOS.
 
+A request whose budget goes past the model's context (`max_position_embeddings`) is cut to fit, with a
+warning: positions the model was never trained on only produce garbage, slowly.
+
 Simplifications: one `max_new_tokens` per batch (the largest remaining budget in it; rows are cut
 to their own budget afterwards) and one torch seed per batch call.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -62,12 +67,30 @@ class HFBackend:
             eos.append(tokenizer.eos_token_id)
         self.eos_ids = set(eos)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+        self.context: int | None = getattr(self.model.config, "max_position_embeddings", None)
+        """Positions the model was built for (None: unknown, no cap)."""
+        self._capped = False
 
     def generate(self, requests: Sequence[GenerationRequest], sampling: SamplingParams) -> list[Generation]:
+        requests = [self._within_context(r) for r in requests]
         out: list[Generation] = []
         for start in range(0, len(requests), self.batch_size):
             out += self._batch(requests[start : start + self.batch_size], sampling)
         return out
+
+    def _within_context(self, request: GenerationRequest) -> GenerationRequest:
+        """`request` with its budget cut so that context + new tokens fit the model's positions (warned once)."""
+        if self.context is None or len(request.ids) + request.max_tokens <= self.context:
+            return request
+        if not self._capped:
+            self._capped = True
+            warnings.warn(
+                f"a budget of {request.max_tokens} new tokens after {len(request.ids)} context tokens goes past the "
+                f"model's {self.context} positions: generation is capped at position {self.context} "
+                "(lower max_new_tokens to silence this)",
+                stacklevel=3,
+            )
+        return dataclasses.replace(request, max_tokens=max(1, self.context - len(request.ids)))
 
     def _batch(self, requests: Sequence[GenerationRequest], sampling: SamplingParams) -> list[Generation]:
         import torch
