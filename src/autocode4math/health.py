@@ -102,7 +102,7 @@ def alarms(records: Sequence[dict[str, Any]], config: HealthConfig) -> list[str]
     if n_code >= config.min_code_mode_rollouts and counts["code_mode_rollouts_with_code"] == 0:
         out.append(
             f"none of the {n_code} code-mode rollouts ran any code: the stop string never followed a ```python "
-            "block (a chat-template or parser mismatch? after fixing it, rerun with --overwrite)"
+            "block (a chat-template or parser mismatch?)"
         )
     return out
 
@@ -112,9 +112,10 @@ def check(records: Sequence[dict[str, Any]], config: HealthConfig, stage: str) -
     found = alarms(records, config)
     if found and config.check:
         raise ToolHealthError(
-            f"tool health alarm in {stage}: {'; '.join(found)}. The rollouts written so far stay on disk: fix "
-            "the tool and rerun the same command to resume (failed records are redone), or go on anyway with "
-            "--ignore-tool-health (--set health.check=false)"
+            f"tool health alarm in {stage}: {'; '.join(found)}. The rollouts written so far stay on disk: after "
+            "the fix, rerun the same command (records whose sandbox or grading failed are redone; a changed "
+            "template or stop string needs --overwrite), or go on anyway with --ignore-tool-health"
+            " (--set health.check=false)"
         )
     return {**tool_counts(records), "alarms": found}
 
