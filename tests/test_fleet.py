@@ -140,14 +140,14 @@ class _KillOnce:
         self.inner, self.pid, self.after, self.seen = rollouts, pid, after, 0
         self.tokenizer = rollouts.tokenizer
 
-    def run(self, requests, config, *, on_record, prompt_config=None, progress=True):
+    def run(self, requests, config, *, on_record, prompt_config=None, progress=True, stats=None):
         def keep(record):
             on_record(record)
             self.seen += 1
             if self.seen == self.after:
                 os.kill(self.pid, signal.SIGKILL)
 
-        self.inner.run(requests, config, on_record=keep, prompt_config=prompt_config, progress=progress)
+        self.inner.run(requests, config, on_record=keep, prompt_config=prompt_config, progress=progress, stats=stats)
 
 
 @pytest.mark.slow

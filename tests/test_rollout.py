@@ -61,11 +61,12 @@ def test_record_has_the_contract_keys(tiny_tokenizer, pool):
     (r,), _ = rollout(tiny_tokenizer, pool, by_rounds([ANSWER_TURN]))
     keys = (
         "id benchmark mode sample question answer meta prompt prefix response prompt_ids prefix_ids response_ids"
-        " response_mask segments code_blocks n_code_calls used_code finish_reason n_prompt_tokens"
+        " response_mask segments code_blocks n_code_calls used_code finish_reason error tokens_from n_prompt_tokens"
         " n_generated_tokens pred correct grade_status grade_error"
     )
     assert list(r) == keys.split(" ")
     assert (r["used_code"], r["n_code_calls"], r["segments"][0]["kind"]) == (False, 0, "model")
+    assert (r["error"], r["tokens_from"]) == ("", "model")
     assert r["response_mask"] == [1] * len(r["response_ids"])
 
 

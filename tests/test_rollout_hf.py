@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from autocode4math.benchmarks import Problem
@@ -51,12 +53,88 @@ def test_per_request_budgets_in_one_batch(backend):
     assert [g.finish for g in gens] == ["length", "length"]
 
 
-def test_sampling_is_seeded(backend):
-    sampling = SamplingParams(temperature=1.0, top_p=0.9, stop="```output")
-    one = backend.generate([req(backend, "Question:", 15, seed=3)], sampling)[0].ids
-    two = backend.generate([req(backend, "Question:", 15, seed=3)], sampling)[0].ids
-    other = backend.generate([req(backend, "Question:", 15, seed=4)], sampling)[0].ids
-    assert one == two and one != other
+SAMPLE = SamplingParams(temperature=1.0, top_p=0.9, stop="```output")
+PROMPTS = ["Question: 1 + 1 =", "Question: what is 12 * 30 + 7, exactly?", "x", "Let's first analyze", "def f(n):"]
+
+
+def test_sampling_is_seeded_per_request(backend):
+    one = backend.generate([req(backend, "Question:", 15, seed=3)], SAMPLE)[0].ids
+    two = backend.generate([req(backend, "Question:", 15, seed=3)], SAMPLE)[0].ids
+    others = {tuple(backend.generate([req(backend, "Question:", 15, seed=s)], SAMPLE)[0].ids) for s in range(4, 9)}
+    assert one == two
+    assert tuple(one) not in others and len(others) == 5
+
+
+def test_sampled_row_ignores_neighbours_batch_size_and_order(backend):
+    """A row's sample depends on its context and seed only: not on who shares its batch, where, or how many."""
+    target = req(backend, "Question: 3 + 4 =\n", 10, seed=11)
+    alone = backend.generate([target], SAMPLE)[0].ids
+    others = [req(backend, p, 4 + i, seed=40 + i) for i, p in enumerate(PROMPTS)]
+    small = HFBackend(backend.model, backend.tokenizer, device="cpu", batch_size=2)
+    batches = [
+        backend.generate([others[0], target, others[1]], SAMPLE)[1],
+        backend.generate([*others[2:], target], SAMPLE)[-1],  # a batch of 4 with target last, padded the other way
+        small.generate([others[3], others[4], others[0], target], SAMPLE)[-1],  # batch size 2, second batch
+    ]
+    assert all(g.ids == alone for g in batches)
+    # the neighbours are not disturbed by the target either
+    assert backend.generate([others[0], target, others[1]], SAMPLE)[0].ids == small.generate([others[0]], SAMPLE)[0].ids
+
+
+def test_resumed_sampled_rollouts_equal_uninterrupted(backend):
+    """A resume rebuilds batches from the requests left; every trajectory still gets the tokens it got before."""
+    problems = [
+        Problem(id=f"q{i}", question=f"What is {i} * 7 + 2?", answer=str(7 * i + 2), benchmark="toy", meta={})
+        for i in range(2)
+    ]
+    requests = make_requests(problems, ["auto", "code"], 2)
+    config = RolloutConfig(max_new_tokens=8, temperature=1.0, top_p=0.95, max_active=8, seed=5)
+    with SandboxPool(workers=1) as pool:
+        whole = run_rollouts(backend, requests, config, progress=False, sandbox=pool)
+        left = requests[3:][::-1]  # as if the first 3 had finished before a kill, the rest read back in another order
+        resumed = run_rollouts(backend, left, replace(config, max_active=3), progress=False, sandbox=pool)
+    by_key = {(r["mode"], r["id"], r["sample"]): r for r in whole}
+    assert len({tuple(r["response_ids"]) for r in whole}) > len(whole) // 2  # the samples really differ
+    for r in resumed:
+        assert r["response_ids"] == by_key[(r["mode"], r["id"], r["sample"])]["response_ids"]
+
+
+@pytest.mark.parametrize(("temperature", "top_p"), [(0.7, 0.9), (1.5, 1.0)])
+def test_first_token_follows_softmax_with_temperature_and_top_p(backend, temperature, top_p):
+    """Chi-square of 3000 first tokens (one seed each) against softmax(logits / T) cut to its top-p nucleus."""
+    import torch
+
+    prompt = "Question: what is 12 * 30 + 7, exactly?"
+    ids = encode(backend.tokenizer, prompt)
+    with torch.no_grad():
+        logits = backend.model(input_ids=torch.tensor([ids])).logits[0, -1].double()
+    probs = torch.softmax(logits / temperature, dim=-1)
+    order = torch.argsort(probs, descending=True)
+    mass_before = torch.cumsum(probs[order], 0) - probs[order]
+    nucleus = order[mass_before < top_p]  # the smallest set of top tokens holding at least top_p
+    expected = torch.zeros_like(probs)
+    expected[nucleus] = probs[nucleus] / probs[nucleus].sum()
+
+    wide = HFBackend(backend.model, backend.tokenizer, device="cpu", batch_size=1000)
+    n = 3000
+    sampling = SamplingParams(temperature, top_p, "```output")
+    gens = wide.generate([req(wide, prompt, 1, seed=s) for s in range(n)], sampling)
+    counts = torch.bincount(torch.tensor([g.ids[0] for g in gens]), minlength=len(probs)).double()
+    assert counts[expected == 0].sum() == 0  # nothing outside the nucleus
+
+    def chi_square(reference):  # bins with >= 5 expected draws; the rest pooled into one bin
+        big = reference * n >= 5
+        observed = torch.cat([counts[big], counts[~big].sum().reshape(1)])
+        wanted = torch.cat([reference[big] * n, (reference[~big] * n).sum().reshape(1)])
+        keep = wanted > 0
+        return float(((observed[keep] - wanted[keep]) ** 2 / wanted[keep]).sum()), int(keep.sum()) - 1
+
+    stat, dof = chi_square(expected)
+    limit = dof + 5 * (2 * dof) ** 0.5  # mean + 5 sd of chi-square(dof)
+    assert dof >= 5 and stat < limit
+    # the check has power: the untempered, uncut softmax is rejected
+    plain = torch.softmax(logits, dim=-1)
+    assert chi_square(plain)[0] > limit
 
 
 def test_engine_end_to_end_on_the_tiny_model(backend):

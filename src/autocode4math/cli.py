@@ -586,3 +586,27 @@ def bench_fleet_cmd(
 
 if __name__ == "__main__":  # `accelerate launch -m autocode4math.cli mstep ...`
     app()
+
+
+@bench_app.command("async")
+def bench_async_cmd(
+    n: int = typer.Option(48, help="Trajectories (toy dev questions, auto mode)."),
+    max_active: int = typer.Option(16, help="Trajectories in flight (and the client's concurrency)."),
+    slots: int = typer.Option(16, help="Load-model server: requests served at once."),
+    decode_s: float = typer.Option(0.004, help="Load-model server: seconds per generated token."),
+    code_s: float = typer.Option(0.2, help="Seconds each scripted code block sleeps in the sandbox."),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable JSON object as the last line."),
+) -> None:
+    """Async trajectories vs rounds on the same requests through a server backend (a load-model server, not a GPU)."""
+    import json
+
+    from autocode4math.bench_async import AsyncBenchConfig, bench_async, print_async_table
+
+    try:
+        cfg = AsyncBenchConfig(n=n, max_active=max_active, slots=slots, decode_s=decode_s, code_s=code_s)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    result = bench_async(cfg)
+    print_async_table(result)
+    if as_json:
+        typer.echo(json.dumps(result))

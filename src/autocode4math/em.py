@@ -44,6 +44,7 @@ from autocode4math.estep import (
     decision_of,
     record_key,
     run_estep,
+    tokens_from_counts,
 )
 from autocode4math.evaluate import OUTPUTS as EVAL_OUTPUTS
 from autocode4math.fingerprint import (
@@ -324,12 +325,13 @@ def collect_on_policy(
     config: TrainConfig, rollouts: Rollouts, problems: list[Any], out: Path, it: int, progress: bool
 ) -> dict:
     """On-policy rollouts of the current policy in auto mode; every rollout is a training record."""
-    from autocode4math.rollout import make_requests
+    from autocode4math.rollout import RolloutStats, make_requests
 
     path = out / "rollouts.jsonl"
     done = reusable_records(path, record_key)
     requests = make_requests(problems, ["auto"], config.rl_samples, config.estep.prompt)
     todo = [r for r in requests if _request_key(r) not in done]
+    stats = RolloutStats()
     if todo:
         rollout = dataclasses.replace(config.estep.rollout, seed=config.estep.rollout.seed + it)
         with JsonlAppender(path) as sink:
@@ -338,7 +340,8 @@ def collect_on_policy(
                 sink.write(record)
                 done[record_key(record)] = record
 
-            rollouts.run(todo, rollout, on_record=keep, prompt_config=config.estep.prompt, progress=progress)
+            prompt = config.estep.prompt
+            rollouts.run(todo, rollout, on_record=keep, prompt_config=prompt, progress=progress, stats=stats)
     records = [done[_request_key(r)] for r in requests]
     tools = check(records, config.health, f"the rl collection in {out}")
     code_prefix = config.estep.prompt.code_prefix
@@ -351,7 +354,9 @@ def collect_on_policy(
     data = out / "train.jsonl"
     write_jsonl(data, train)
     tokens = sum(int(r["n_generated_tokens"]) for r in records)
-    write_json(out / "summary.json", {"n_rollouts": len(records), "generated_tokens": tokens, "tools": tools})
+    summary = {"n_rollouts": len(records), "generated_tokens": tokens, "tokens_from": tokens_from_counts(records)}
+    summary["tools"] = tools
+    write_json(out / "summary.json", {**summary, "rollout": stats.to_dict() if stats.trajectories else None})
     return {"data": str(data), "tokens": tokens, "train_tokens": _train_tokens(data)}
 
 
@@ -425,6 +430,7 @@ def _evaluate_stage(
             max_new_tokens=config.eval.max_new_tokens,
             batch_size=config.eval.batch_size,
             backend=config.estep.backend,
+            server=config.estep.server,
             prompt=config.estep.prompt,
             sandbox=config.sandbox,
             health=config.health,

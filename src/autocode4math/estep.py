@@ -37,6 +37,8 @@ from autocode4math.health import HealthConfig, check, reusable_records
 from autocode4math.io import JsonlAppender, write_json, write_jsonl
 from autocode4math.prompts import CODE_PREFIX, PromptConfig
 from autocode4math.rollout.engine import RolloutConfig, RolloutRequest, encode
+from autocode4math.rollout.openai import ServerConfig
+from autocode4math.rollout.stats import RolloutStats
 from autocode4math.sandbox import SandboxConfig, open_sandbox
 
 MID_OFFSET = 10_000
@@ -75,6 +77,8 @@ class EStepConfig:
     """Rollout backend when `model` is a path: hf, openai or vllm."""
     batch_size: int = 16
     """Generation batch size (hf backend)."""
+    server: ServerConfig = field(default_factory=ServerConfig)
+    """openai backend: server URLs, tokenizer, API key variable, concurrency, token ids, timeouts, retries."""
     rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(temperature=1.0, top_p=0.9))
     """Sampling of the rollouts (the paper: temperature 1.0, top-p 0.9)."""
     prompt: PromptConfig = field(default_factory=PromptConfig)
@@ -299,7 +303,7 @@ def _key_of(record: dict[str, Any]) -> tuple:
     return (str(record["benchmark"]), record["mode"], str(record["id"]), record["sample"])
 
 
-def _run_missing(rollouts, requests, config, path: Path, partials, progress: bool) -> list[dict[str, Any]]:
+def _run_missing(rollouts, requests, config, path: Path, partials, progress: bool, stats) -> list[dict[str, Any]]:
     """Run the requests whose records are not yet in `path`; return all records of `requests`."""
     done = reusable_records(path, _key_of)
     todo = [r for r in requests if r.key() not in done]
@@ -312,7 +316,8 @@ def _run_missing(rollouts, requests, config, path: Path, partials, progress: boo
                 out.write(record)
                 done[_key_of(record)] = record
 
-            rollouts.run(todo, config.rollout, on_record=keep, prompt_config=config.prompt, progress=progress)
+            rollouts.run(todo, config.rollout, on_record=keep, prompt_config=config.prompt, progress=progress,
+                         stats=stats)  # fmt: skip
     return [done[r.key()] for r in requests if r.key() in done]
 
 
@@ -339,7 +344,9 @@ def fingerprint_settings(model: Any, problems: Sequence[Any], config: EStepConfi
 
 def backend_options(config: EStepConfig) -> dict[str, Any]:
     """Keyword arguments of `rollout.make_backend` for the E-step's backend."""
-    return {"batch_size": config.batch_size} if config.backend == "hf" else {}
+    from autocode4math.rollout import backend_kwargs
+
+    return backend_kwargs(config.backend, batch_size=config.batch_size, server=config.server)
 
 
 def run_estep(
@@ -381,11 +388,12 @@ def run_estep(
     try:
         rollouts = as_rollouts(model, config.backend, backend_options(config), sandbox, grader)
         path = out / "rollouts.jsonl"
-        records = _run_missing(rollouts, main_requests(problems, config), config, path, {}, progress)
+        stats = RolloutStats()
+        records = _run_missing(rollouts, main_requests(problems, config), config, path, {}, progress, stats)
         if config.mid_reasoning:
             by_id = {str(p.id): p for p in problems}
             reqs, partials = mid_requests(records, by_id, config)
-            records += _run_missing(rollouts, reqs, config, path, partials, progress)
+            records += _run_missing(rollouts, reqs, config, path, partials, progress, stats)
     finally:
         if own_sandbox:
             sandbox.close()
@@ -396,7 +404,7 @@ def run_estep(
         add_decision_tokens(row, rollouts.tokenizer, code_text, config.prompt.code_prefix)
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "audit.jsonl", audit)
-    summary = {**_summary(records, train), "tools": tools}
+    summary = {**_summary(records, train), "tools": tools, "rollout": stats.to_dict() if stats.trajectories else None}
     write_json(out / "summary.json", summary)
     return summary
 
@@ -414,7 +422,16 @@ def _summary(records: Sequence[dict[str, Any]], train: Sequence[dict[str, Any]])
         "train_code_rate": rate(train, "used_code"),
         "train_c1_share": sum(r["c"] for r in train) / len(train) if train else None,
         "generated_tokens": sum(int(r["n_generated_tokens"]) for r in records),
+        "tokens_from": tokens_from_counts(records),
     }
+
+
+def tokens_from_counts(records: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """How many records hold the model's own tokens (model, server) and how many re-tokenized text (local)."""
+    counts: dict[str, int] = defaultdict(int)
+    for r in records:
+        counts[str(r.get("tokens_from", "unrecorded"))] += 1
+    return dict(sorted(counts.items()))
 
 
 __all__ = [
@@ -430,4 +447,5 @@ __all__ = [
     "reference_strategy",
     "run_estep",
     "subsample",
+    "tokens_from_counts",
 ]

@@ -41,7 +41,16 @@ from autocode4math.fleet import FleetConfig, as_rollouts, open_engines
 from autocode4math.health import HealthConfig, alarms, check, reusable_records, tool_counts
 from autocode4math.io import DataError, JsonlAppender, read_done, write_json, write_jsonl
 from autocode4math.prompts import MODES, PromptConfig
-from autocode4math.rollout import BACKENDS, RolloutConfig, RolloutRequest, make_requests, resolve_model
+from autocode4math.rollout import (
+    BACKENDS,
+    RolloutConfig,
+    RolloutRequest,
+    RolloutStats,
+    ServerConfig,
+    backend_kwargs,
+    make_requests,
+    resolve_model,
+)
 from autocode4math.sandbox import SandboxConfig
 
 PAPER_SAMPLING = {"aime24": (64, 0.6), "amc23": (64, 0.6)}
@@ -87,10 +96,8 @@ class EvalConfig:
     """hf backend: rows per generate call."""
     max_active: int = 64
     """Trajectories in flight at once."""
-    base_url: str = "http://127.0.0.1:8000/v1"
-    """openai backend: the server's /v1 URL."""
-    concurrency: int = 16
-    """openai backend: requests in flight."""
+    server: ServerConfig = field(default_factory=ServerConfig)
+    """openai backend: server URLs, tokenizer, API key variable, concurrency, token ids, timeouts, retries."""
     group_by: list[str] = field(default_factory=lambda: ["family", "subject", "level"])
     """Problem meta keys to break the analysis down by, where a benchmark has them (toy family, MATH subject)."""
     prompt: PromptConfig = field(default_factory=PromptConfig)
@@ -138,11 +145,7 @@ def _load(config: EvalConfig) -> dict[str, list[Any]]:
 
 def backend_options(config: EvalConfig) -> dict[str, Any]:
     """Keyword arguments of `rollout.make_backend` for the evaluation's backend."""
-    if config.backend == "hf":
-        return {"batch_size": config.batch_size}
-    if config.backend == "openai":
-        return {"base_url": config.base_url, "concurrency": config.concurrency}
-    return {}
+    return backend_kwargs(config.backend, batch_size=config.batch_size, server=config.server)
 
 
 @contextmanager
@@ -160,8 +163,7 @@ NOT_IN_FINGERPRINT = (
     "out",
     "batch_size",
     "max_active",
-    "concurrency",
-    "base_url",
+    "server",
     "group_by",
     "benchmarks",
     "benchmark_files",
@@ -242,14 +244,17 @@ def run_eval(
             max_active=config.max_active,
         )
         plan.append((bench, rollout, [r for r in requests if r.key() not in done]))
+    stats = RolloutStats()
     if any(todo for _, _, todo in plan):
         with _rollouts(config, backend, sandbox, grader, rollouts) as runner, JsonlAppender(samples) as appender:
             for _, rollout, todo in plan:
                 if todo:
-                    runner.run(todo, rollout, on_record=appender.write, prompt_config=config.prompt, progress=progress)
+                    runner.run(todo, rollout, on_record=appender.write, prompt_config=config.prompt, progress=progress,
+                               stats=stats)  # fmt: skip
     records = [r for r in read_done(samples) if _key(r) in wanted]
     labels = group_labels(groups, config.group_by)
-    metrics = write_outputs(records, config, out, {b: sampling_for(b, config) for b in groups}, labels)
+    sampling = {b: sampling_for(b, config) for b in groups}
+    metrics = write_outputs(records, config, out, sampling, labels, stats if stats.trajectories else None)
     check(records, config.health, f"the evaluation in {out}")  # after the outputs, which show the counts
     return metrics
 
@@ -288,8 +293,12 @@ def write_outputs(
     out: Path,
     sampling: dict[str, tuple[int, float]],
     labels: dict[str, dict[str, dict[str, Any]]] | None = None,
+    rollout: RolloutStats | None = None,
 ) -> dict[str, Any]:
-    """metrics.json, report.md, two PNGs per benchmark, and the table on the terminal."""
+    """metrics.json, report.md, two PNGs per benchmark, and the table on the terminal.
+
+    `rollout`: what this run's generation measured (schedule, backend occupancy); None when nothing was generated.
+    """
     benchmarks = all_metrics(records, config.prompt.code_prefix)
     cost = {bench: cost_points({config.model: m}) for bench, m in benchmarks.items()}
     metrics = {
@@ -306,6 +315,7 @@ def write_outputs(
             for bench, by_key in (labels or {}).items()
         },
         "cost": cost,
+        "rollout": rollout.to_dict() if rollout is not None else None,
     }
     write_json(out / "metrics.json", metrics)
     for bench, m in benchmarks.items():
@@ -385,6 +395,8 @@ def render_report(metrics: dict[str, Any]) -> str:
             lines += [*cost_table(metrics["cost"][bench], f"plots/{bench}_cost.png"), ""]
         for key, table in metrics.get("breakdown", {}).get(bench, {}).items():
             lines += [f"### {bench} by {key}", "", *breakdown_table(table), ""]
+    if metrics.get("rollout"):
+        lines += ["## Generation (this run)", "", RolloutStats(**metrics["rollout"]).summary() + ".", ""]
     lines += [
         "## Definitions",
         "",
@@ -394,6 +406,8 @@ def render_report(metrics: dict[str, Any]) -> str:
         " blocks whose status is not ok; tokens: mean model-generated tokens (tool output excluded).",
         "- Per question (/ q): the mean over samples, i.e. the cost of answering a question once. Pareto front:"
         " no other mode or model is at least as accurate for at most the same tokens (or code calls).",
+        "- Backend occupancy: time-weighted mean of generation requests in flight, over the trajectories allowed in"
+        " flight (max_active).",
         "- tools: executed code blocks by sandbox status (sandbox_error: the sandbox itself failed, not the code) and"
         " samples by grading status (timeout or error: the grader failed; such a sample counts as wrong).",
         "- Union bound: mean over questions of max(cot solve rate, code solve rate).",
@@ -445,6 +459,8 @@ def print_table(metrics: dict[str, Any]) -> None:
             for cells in _breakdown_rows(groups):
                 sub.add_row(*cells)
             console.print(sub)
+    if metrics.get("rollout"):
+        console.print("generation: " + RolloutStats(**metrics["rollout"]).summary())
 
 
 def replace(config: EvalConfig, **changes: Any) -> EvalConfig:

@@ -2,7 +2,7 @@
 
 Every stage that generates trajectories (the E-step, the RL baselines' collection, dev and test
 evaluation) hands its requests to a *rollouts* object with two members, `tokenizer` and
-`run(requests, config, *, on_record, prompt_config, progress)`. The stage keeps its own resumable
+`run(requests, config, *, on_record, prompt_config, progress, stats)`. The stage keeps its own resumable
 JSONL (on_record appends each record the moment it arrives) and its own math; this module decides
 where trajectories are generated:
 
@@ -149,8 +149,11 @@ class Engine:
 
             spec = self.spec
             self.server = ManagedServer(spec.server, policy, gpus=spec.gpus, timeout_s=spec.server_timeout_s)
-            options = {**self.spec.options, "base_url": self.server.base_url}
-            self.backend = make_backend("openai", policy, **options)
+            from autocode4math.rollout import ServerConfig
+
+            configured = self.spec.options.get("server") or ServerConfig()
+            server = dataclasses.replace(configured, base_url=self.server.base_url)
+            self.backend = make_backend("openai", policy, **{**self.spec.options, "server": server})
         else:
             self.backend = make_backend(self.spec.backend, policy, **self.spec.options)
         self.policy = policy
@@ -163,9 +166,10 @@ class Engine:
         prompt_config: PromptConfig | None,
         on_record: RecordSink,
         progress: bool,
+        stats: Any = None,
     ) -> None:
         self.serve(policy)
-        self._generate(requests, config, prompt_config, on_record, progress)
+        self._generate(requests, config, prompt_config, on_record, progress, stats)
 
     def stream(
         self, policy: str, requests: Sequence[RolloutRequest], config: RolloutConfig, prompt_config: PromptConfig | None
@@ -195,12 +199,12 @@ class Engine:
                 raise item
             yield item
 
-    def _generate(self, requests, config, prompt_config, on_record: RecordSink, progress: bool) -> None:
+    def _generate(self, requests, config, prompt_config, on_record: RecordSink, progress: bool, stats=None) -> None:
         from autocode4math.rollout import run_rollouts
 
         run_rollouts(
             self.backend, requests, config, on_record=on_record, progress=progress, sandbox=self.pool,
-            prompt_config=prompt_config,
+            prompt_config=prompt_config, stats=stats,
         )  # fmt: skip
 
     def release(self) -> None:
@@ -240,10 +244,14 @@ class Rollouts:
         on_record: RecordSink,
         prompt_config: PromptConfig | None = None,
         progress: bool = True,
+        stats: Any = None,
     ) -> None:
-        """Run every request to completion, calling `on_record` once per request as its trajectory finishes."""
+        """Run every request to completion, calling `on_record` once per request as its trajectory finishes.
+
+        `stats` (a `rollout.RolloutStats`) gets the engine's figures in this process; a Ray fleet leaves it as is.
+        """
         if requests:
-            self.engines.run(self.policy, list(requests), config, prompt_config, on_record, progress)
+            self.engines.run(self.policy, list(requests), config, prompt_config, on_record, progress, stats=stats)
 
 
 @dataclass
@@ -266,12 +274,13 @@ class LocalRollouts:
         on_record: RecordSink,
         prompt_config: PromptConfig | None = None,
         progress: bool = True,
+        stats: Any = None,
     ) -> None:
         from autocode4math.rollout import run_rollouts
 
         run_rollouts(
             self.backend, requests, config, on_record=on_record, progress=progress, sandbox=self.sandbox,
-            grader=self.grader, prompt_config=prompt_config,
+            grader=self.grader, prompt_config=prompt_config, stats=stats,
         )  # fmt: skip
 
 
@@ -308,7 +317,7 @@ class LocalEngines:
         """Load `policy` now (a run would load it on arrival)."""
         self._engine().serve(policy)
 
-    def run(self, policy, requests, config, prompt_config, on_record, progress) -> None:
+    def run(self, policy, requests, config, prompt_config, on_record, progress, stats=None) -> None:
         from autocode4math.rollout.progress import fleet_progress
 
         engine = self._engine()
@@ -319,7 +328,7 @@ class LocalEngines:
                 advance(record)
 
             for shard in shards(requests, self.shard_size):
-                engine.run(policy, shard, config, prompt_config, keep, False)
+                engine.run(policy, shard, config, prompt_config, keep, False, stats)
 
     def release(self) -> None:
         """Free the accelerator (before an M-step); the next run loads its policy again."""
@@ -410,7 +419,8 @@ class Fleet:
         if policy not in self._tokenizers:
             from transformers import AutoTokenizer
 
-            self._tokenizers[policy] = AutoTokenizer.from_pretrained(self.spec.options.get("tokenizer") or policy)
+            server = self.spec.options.get("server")
+            self._tokenizers[policy] = AutoTokenizer.from_pretrained((server.tokenizer if server else "") or policy)
         return self._tokenizers[policy]
 
     def _alive(self) -> list[Any]:
@@ -437,8 +447,12 @@ class Fleet:
         prompt_config: PromptConfig | None,
         on_record: RecordSink,
         progress: bool,
+        stats: Any = None,
     ) -> None:
-        """Shard the requests, keep every worker busy with one shard, and pass each record on as it arrives."""
+        """Shard the requests, keep every worker busy with one shard, and pass each record on as it arrives.
+
+        `stats` is left as is: the engines' occupancy is not gathered from the Ray workers.
+        """
         from autocode4math.rollout.progress import fleet_progress
 
         ray = _ray()

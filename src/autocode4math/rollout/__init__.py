@@ -2,9 +2,11 @@
 
 - engine.py: `RolloutConfig`, `RolloutRequest`, `make_requests`, `run_rollouts`, the Backend protocol.
 - hf.py: transformers `generate`, batched (the default).
-- openai.py: any OpenAI-compatible /v1/completions server (vLLM, SGLang, `transformers serve`).
+- openai.py: OpenAI-compatible /v1/completions servers (vLLM, SGLang, `transformers serve`); `ServerConfig`.
 - vllm.py: in-process vLLM (optional extra).
 - scripted.py: a deterministic stand-in model for tests.
+- loadserver.py: a local completions server with a load model, for benchmarks and tests.
+- stats.py: `RolloutStats` (wall time, requests, code calls, backend occupancy).
 """
 
 from __future__ import annotations
@@ -14,15 +16,18 @@ from typing import Any
 
 from autocode4math.rollout.engine import (
     STOP,
+    AsyncBackend,
     Backend,
     Generation,
     GenerationRequest,
     RolloutConfig,
     RolloutRequest,
+    RolloutStats,
     SamplingParams,
     make_requests,
     run_rollouts,
 )
+from autocode4math.rollout.openai import ServerConfig
 
 BACKENDS = ("hf", "openai", "vllm")
 SHIPPED_CHECKPOINTS = Path(__file__).parent.parent / "checkpoints"
@@ -31,12 +36,16 @@ SHIPPED_CHECKPOINTS = Path(__file__).parent.parent / "checkpoints"
 __all__ = [
     "BACKENDS",
     "STOP",
+    "AsyncBackend",
     "Backend",
     "Generation",
     "GenerationRequest",
     "RolloutConfig",
     "RolloutRequest",
+    "RolloutStats",
     "SamplingParams",
+    "ServerConfig",
+    "backend_kwargs",
     "make_backend",
     "make_requests",
     "resolve_model",
@@ -86,8 +95,8 @@ def resolve_model(model: str, backend: str = "hf") -> str:
 def make_backend(name: str, model: str, **options: Any) -> Backend:
     """Build backend `name` for `model` (a path or hub id; for openai also the served model name).
 
-    Options go to the backend's constructor (e.g. batch_size for hf, base_url for openai). A model that
-    transformers cannot load (not on the Hub, no network, not a checkpoint) is a ConfigError naming it.
+    Options go to the backend's constructor (e.g. batch_size for hf, server=ServerConfig(...) for openai). A
+    model that transformers cannot load (not on the Hub, no network, not a checkpoint) is a ConfigError naming it.
     """
     if name == "hf":
         from autocode4math.config import ConfigError
@@ -107,3 +116,10 @@ def make_backend(name: str, model: str, **options: Any) -> Backend:
 
         return VLLMBackend(resolve_model(model, name), **options)
     raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+
+
+def backend_kwargs(name: str, *, batch_size: int, server: ServerConfig) -> dict[str, Any]:
+    """The constructor options of backend `name` from the settings eval and train share."""
+    if name == "hf":
+        return {"batch_size": batch_size}
+    return {"server": server} if name == "openai" else {}

@@ -6,30 +6,45 @@ re-tokenizing a whole transcript. Tool-inserted text is tokenized on its own and
 `response_tokens` replays a written response (an SFT demonstration) through the same appends, so
 which tokens are trained is decided in one place for rollouts and fixed datasets alike.
 
-Rounds are batched across trajectories: each round, every active trajectory asks the backend for
-a continuation in one call, and every code block of the round runs in one `SandboxPool.run_many`
-call. At most `max_active` trajectories are in flight; finished ones are replaced from the queue.
+Two schedules, with the same records for a deterministic backend:
+- async (backends with `submit`, i.e. servers): each trajectory advances on its own. Its next
+  generation is submitted as soon as its code block has run, its code runs (in a thread per
+  sandbox worker) while others generate, and a finished trajectory is replaced at once, so the
+  backend always has up to `max_active` requests in flight. Finished trajectories are graded in
+  batches on one grading thread; `on_record` is called on the calling thread.
+- rounds (batched backends: hf, in-process vLLM): each round, every active trajectory asks the
+  backend for a continuation in one call, and every code block of the round runs in one
+  `SandboxPool.run_many` call; finished trajectories are replaced from the queue between rounds.
+At most `max_active` trajectories are in flight. `RolloutStats` reports the backend's occupancy
+(time-weighted mean of requests in flight over `max_active`).
 
 Deliberate simplifications:
 - Only the last complete ```python block before a stop is executed (the one the output belongs to).
 - The token budget counts every response token (model and tool), since both fill the context.
-- One sampling seed per backend call on batched backends; per-request seeds on servers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import queue
 import re
 import zlib
+from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from autocode4math.prompts import MODES, PromptConfig, build_prompt
+from autocode4math.rollout.stats import Meter, RolloutStats
 
 STOP = "```output"
 CODE_RE = re.compile(r"```python[ \t]*\n(.*?)```", re.DOTALL)
-FINISH_REASONS = ("answer", "length", "round_limit")
+FINISH_REASONS = ("answer", "length", "round_limit", "error")
+SCHEDULES = ("auto", "async", "rounds")
+TOKENS_FROM = ("model", "server", "local")
+"""Where a record's model tokens come from, best first: the model itself (in-process), a server's sampled ids, or
+the local tokenizer re-encoding a server's text (the worst of a trajectory's generations is recorded)."""
 
 
 @dataclass
@@ -47,9 +62,13 @@ class RolloutConfig:
     seed: int = 0
     """Base seed; each request's seed is derived from it and the request's identity."""
     max_active: int = 64
-    """Trajectories in flight at once (one backend call per round covers all of them)."""
+    """Generation requests in flight: in rounds, the trajectories of one backend call; in async, the trajectories
+    waiting for the backend (up to as many more may be running code meanwhile)."""
     stop: str = STOP
     """Stop string that ends a code round; the tool output follows it."""
+    schedule: str = "auto"
+    """async (each trajectory advances on its own; needs a backend with `submit`), rounds, or auto (async when the
+    backend can)."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -64,6 +83,8 @@ class RolloutConfig:
             raise ValueError(f"max_active must be >= 1, got {self.max_active}")
         if not self.stop:
             raise ValueError("stop must not be empty")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
 
 
 @dataclass
@@ -105,13 +126,24 @@ class Generation:
     ids: list[int]
     text: str
     finish: str
-    """"stop" (stop string), "eos" (end of sequence) or "length" (max_tokens reached)."""
+    """"stop" (stop string), "eos" (end of sequence), "length" (max_tokens reached or the context is full) or
+    "error" (the backend refused this request; the trajectory ends there)."""
+    error: str = ""
+    """Why the backend refused the request ("" when it did not)."""
+    tokens_from: str = "model"
+    """Where `ids` come from: see TOKENS_FROM."""
 
 
 class Backend(Protocol):
     tokenizer: Any
 
     def generate(self, requests: Sequence[GenerationRequest], sampling: SamplingParams) -> list[Generation]: ...
+
+
+class AsyncBackend(Backend, Protocol):
+    """A backend that takes requests at any time (a server): the engine then runs trajectories asynchronously."""
+
+    def submit(self, request: GenerationRequest, sampling: SamplingParams) -> Future[Generation]: ...
 
 
 def make_requests(
@@ -199,6 +231,8 @@ class _Trajectory:
     since_tool: str = ""
     session: str | None = None
     finish_reason: str | None = None
+    error: str = ""
+    tokens_from: str = "model"
 
     @property
     def response(self) -> str:
@@ -253,6 +287,11 @@ def _generation_request(t: _Trajectory, config: RolloutConfig) -> GenerationRequ
 def _after_generation(t: _Trajectory, gen: Generation, config: RolloutConfig) -> str | None:
     """Record the model's text; return the code to run, or None after setting the finish reason."""
     t.append(gen.ids, gen.text, "model")
+    t.tokens_from = max(t.tokens_from, gen.tokens_from, key=TOKENS_FROM.index)
+    t.error = gen.error
+    if gen.finish == "error":
+        t.finish_reason = "error"
+        return None
     if gen.finish == "length" or len(t.response_ids) >= config.max_new_tokens:
         t.finish_reason = "length"
         return None
@@ -302,10 +341,12 @@ def _record(t: _Trajectory, grade: Any) -> dict[str, Any]:
         "n_code_calls": len(executed),
         "used_code": bool(executed),
         "finish_reason": t.finish_reason,
+        "error": t.error,
+        "tokens_from": t.tokens_from,
         "n_prompt_tokens": len(t.prompt_ids),
         "n_generated_tokens": sum(t.mask),
         "pred": grade.pred,
-        "correct": bool(grade.correct) and t.finish_reason != "length",
+        "correct": bool(grade.correct) and t.finish_reason not in ("length", "error"),
         "grade_status": getattr(grade, "status", "ok"),
         "grade_error": getattr(grade, "error", ""),
     }
@@ -327,67 +368,205 @@ def run_rollouts(
     sandbox: Any = None,
     grader: Callable[[list[tuple[str, Any, str | None]]], list[Any]] | None = None,
     prompt_config: PromptConfig | None = None,
+    stats: RolloutStats | None = None,
 ) -> list[dict[str, Any]]:
     """Run every request to completion; return records in request order.
 
     `sandbox` is a `SandboxPool` (one is opened and closed here when None); `grader` maps
     (response, gold, benchmark) triples to grades (default `grading.grade_many`). `on_record` is
     called with each record as soon as its trajectory is graded, for append-as-you-go files.
+    `stats`, when given, has this call's `RolloutStats` added to it.
     """
+    from autocode4math.rollout.progress import progress_bar
+
+    schedule = _schedule(backend, config)
     own_pool = sandbox is None
     if own_pool:
         from autocode4math.sandbox import SandboxPool
 
         sandbox = SandboxPool()
+    run = _Run(backend, config, sandbox, grader or _default_grader, prompt_config, [None] * len(requests), on_record)
     try:
-        return _run(
-            backend, list(requests), config, on_record, progress, sandbox, grader or _default_grader, prompt_config
-        )
+        with progress_bar(len(requests), "rollouts", enabled=progress) as run.advance:
+            (_run_async if schedule == "async" else _run_rounds)(run, list(enumerate(requests)))
     finally:
         if own_pool:
             sandbox.close()
+        if stats is not None:
+            done = run.meter.stats(schedule, config.max_active)
+            done.code_calls, done.trajectories = run.code_calls, sum(r is not None for r in run.records)
+            stats.add(done)
+    return [r for r in run.records if r is not None]
 
 
-def _run(
-    backend: Backend,
-    requests: list[RolloutRequest],
-    config: RolloutConfig,
-    on_record: Callable[[dict[str, Any]], None] | None,
-    progress: bool,
-    sandbox: Any,
-    grader: Callable,
-    prompt_config: PromptConfig | None,
-) -> list[dict[str, Any]]:
-    from autocode4math.rollout.progress import progress_bar
+def _schedule(backend: Backend, config: RolloutConfig) -> str:
+    can = callable(getattr(backend, "submit", None))
+    if config.schedule == "async" and not can:
+        raise ValueError(f"schedule 'async' needs a backend that takes requests at any time; {type(backend).__name__}")
+    return "async" if can and config.schedule != "rounds" else "rounds"
 
-    sampling = SamplingParams(config.temperature, config.top_p, config.stop)
-    records: list[dict[str, Any] | None] = [None] * len(requests)
-    pending = list(enumerate(requests))[::-1]
+
+@dataclass
+class _Run:
+    """What both schedules share: the backend, settings, where records go, and the figures measured."""
+
+    backend: Backend
+    config: RolloutConfig
+    sandbox: Any
+    grader: Callable
+    prompt_config: PromptConfig | None
+    records: list[dict[str, Any] | None]
+    on_record: Callable[[dict[str, Any]], None] | None
+    advance: Callable[[int], None] = lambda k: None
+    meter: Meter = field(default_factory=Meter)
+    code_calls: int = 0
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.config.temperature, self.config.top_p, self.config.stop)
+
+    def start(self, request: RolloutRequest) -> _Trajectory:
+        return _start(self.backend.tokenizer, request, self.prompt_config)
+
+    def emit(self, graded: list[tuple[int, dict[str, Any]]]) -> None:
+        for i, rec in graded:
+            self.records[i] = rec
+            if self.on_record is not None:
+                self.on_record(rec)
+            self.advance(1)
+
+
+def _run_rounds(run: _Run, pending: list[tuple[int, RolloutRequest]]) -> None:
+    """Every active trajectory generates in one backend call, then all code blocks of the round run."""
+    config = run.config
+    pending = pending[::-1]
     active: list[tuple[int, _Trajectory]] = []
     try:
-        with progress_bar(len(requests), "rollouts", enabled=progress) as advance:
-            while pending or active:
-                while pending and len(active) < config.max_active:
-                    i, req = pending.pop()
-                    active.append((i, _start(backend.tokenizer, req, prompt_config)))
-                gens = backend.generate([_generation_request(t, config) for _, t in active], sampling)
-                if len(gens) != len(active):
-                    raise RuntimeError(f"backend returned {len(gens)} generations for {len(active)} requests")
-                codes = [_after_generation(t, g, config) for (_, t), g in zip(active, gens, strict=True)]
-                _execute_round(active, codes, sandbox, backend.tokenizer, config)
-                done = [(i, t) for i, t in active if t.finish_reason is not None]
-                active = [(i, t) for i, t in active if t.finish_reason is None]
-                for i, rec in _finish(done, sandbox, grader):
-                    records[i] = rec
-                    if on_record is not None:
-                        on_record(rec)
-                    advance(1)
+        while pending or active:
+            while pending and len(active) < config.max_active:
+                i, req = pending.pop()
+                active.append((i, run.start(req)))
+            gens = _generate_round(run, [_generation_request(t, config) for _, t in active])
+            if len(gens) != len(active):
+                raise RuntimeError(f"backend returned {len(gens)} generations for {len(active)} requests")
+            codes = [_after_generation(t, g, config) for (_, t), g in zip(active, gens, strict=True)]
+            _execute_round(run, active, codes)
+            done = [(i, t) for i, t in active if t.finish_reason is not None]
+            active = [(i, t) for i, t in active if t.finish_reason is None]
+            run.emit(_finish(done, run.sandbox, run.grader))
     finally:
-        _close_sessions(active, sandbox)
-    return [r for r in records if r is not None]
+        _close_sessions(active, run.sandbox)
 
 
-def _close_sessions(items: list[tuple[int, _Trajectory]], sandbox: Any) -> None:
+def _generate_round(run: _Run, requests: list[GenerationRequest]) -> list[Generation]:
+    """One round's generations. A backend that takes requests one by one gets them so, and each counts as in flight
+    until its own answer; a batched backend holds the whole batch until the call returns."""
+    if not callable(getattr(run.backend, "submit", None)):
+        run.meter.change(len(requests))
+        try:
+            return run.backend.generate(requests, run.sampling)
+        finally:
+            run.meter.change(-len(requests))
+    futures = []
+    for request in requests:
+        run.meter.change(1)
+        futures.append(run.backend.submit(request, run.sampling))  # type: ignore[attr-defined]
+        futures[-1].add_done_callback(lambda f: run.meter.change(-1))
+    return [f.result() for f in futures]
+
+
+def _run_async(run: _Run, requests: list[tuple[int, RolloutRequest]]) -> None:
+    """Each trajectory advances on its own: generate, run its block, generate again; graded in batches."""
+    scheduler = _AsyncScheduler(run, requests)
+    try:
+        scheduler.loop()
+    finally:
+        scheduler.close()
+
+
+class _AsyncScheduler:
+    """Keeps `max_active` generation requests in flight while trajectories run code and get graded.
+
+    Trajectories ready to generate (back from the sandbox first, then new ones) wait for one of the
+    `max_active` generation slots; trajectories running code hold no slot, and at most `max_active`
+    of them are live besides the generating ones (which bounds open sandbox sessions). Only the loop's
+    thread touches trajectories; the backend's, the code threads' and the grading thread's results
+    come back as events.
+    """
+
+    def __init__(self, run: _Run, requests: list[tuple[int, RolloutRequest]]) -> None:
+        self.run, self.config = run, run.config
+        self.events: queue.SimpleQueue = queue.SimpleQueue()
+        self.pending = deque(requests)
+        self.live: dict[int, _Trajectory] = {}
+        self.ready: deque[int] = deque()
+        self.done: list[tuple[int, _Trajectory]] = []
+        self.in_flight: set[Future] = set()
+        self.grading: Future | None = None
+        workers = max(1, int(getattr(run.sandbox, "workers", 1)))
+        self.code_pool = ThreadPoolExecutor(workers, thread_name_prefix="rollout-code")
+        self.grade_pool = ThreadPoolExecutor(1, thread_name_prefix="rollout-grade")
+
+    def loop(self) -> None:
+        while self.pending or self.live or self.done or self.grading is not None:
+            self._fill()
+            if self.done and self.grading is None:
+                self.grading = self.grade_pool.submit(_finish, self.done, self.run.sandbox, self.run.grader)
+                self.grading.add_done_callback(lambda f: self.events.put(("graded", -1, f)))
+                self.done = []
+            kind, i, future = self.events.get()
+            if kind == "graded":
+                self.grading = None
+                self.run.emit(future.result())
+            elif kind == "generated":
+                self.in_flight.discard(future)
+                self._advance(i, _after_generation(self.live[i], future.result(), self.config))
+            else:
+                _insert_output(self.live[i], *future.result(), self.run.backend.tokenizer, self.config)
+                self._advance(i, None)
+
+    def _fill(self) -> None:
+        """Give free generation slots to ready trajectories, then to new ones."""
+        while len(self.in_flight) < self.config.max_active:
+            if self.ready:
+                self._generate(self.ready.popleft())
+            elif self.pending and len(self.live) < 2 * self.config.max_active:
+                i, request = self.pending.popleft()
+                self.live[i] = self.run.start(request)
+                self._generate(i)
+            else:
+                return
+
+    def _generate(self, i: int) -> None:
+        self.run.meter.change(1)
+        request = _generation_request(self.live[i], self.config)
+        future = self.run.backend.submit(request, self.run.sampling)  # type: ignore[attr-defined]
+        self.in_flight.add(future)
+        future.add_done_callback(lambda f: (self.run.meter.change(-1), self.events.put(("generated", i, f))))
+
+    def _advance(self, i: int, code: str | None) -> None:
+        t = self.live[i]
+        if t.finish_reason is not None:
+            self.done.append((i, self.live.pop(i)))
+        elif code is not None:
+            self.run.code_calls += 1
+            future = self.code_pool.submit(_run_block, self.run.sandbox, t, code)
+            future.add_done_callback(lambda f: self.events.put(("ran", i, f)))
+        else:
+            self.ready.append(i)
+
+    def close(self) -> None:
+        """Stop what is queued, wait for running code and grading, keep graded work, close every session."""
+        for future in self.in_flight:
+            future.cancel()
+        self.code_pool.shutdown(wait=True, cancel_futures=True)
+        self.grade_pool.shutdown(wait=True)
+        if self.grading is not None and self.grading.done() and self.grading.exception() is None:
+            self.run.emit(self.grading.result())  # a batch graded while the run failed is finished work: keep it
+        _close_sessions([*self.live.items(), *self.done], self.run.sandbox)
+
+
+def _close_sessions(items: Sequence[tuple[int, _Trajectory]], sandbox: Any) -> None:
     from autocode4math.sandbox import SandboxError
 
     for _, t in items:
@@ -397,18 +576,37 @@ def _close_sessions(items: list[tuple[int, _Trajectory]], sandbox: Any) -> None:
             t.session = None
 
 
-def _execute_round(
-    active: list[tuple[int, _Trajectory]], codes: list[str | None], sandbox: Any, tokenizer: Any, config: RolloutConfig
-) -> None:
+def _run_block(sandbox: Any, t: _Trajectory, code: str) -> tuple[str, Any]:
+    """Run one block in the trajectory's session (opened at its first block); (code, result).
+
+    When the sandbox itself fails (SandboxError) the block's result has status `sandbox_error`."""
+    from autocode4math.sandbox import SandboxError
+
+    try:
+        if t.session is None:
+            t.session = sandbox.open_session()
+        return code, sandbox.run(t.session, code)
+    except SandboxError as e:
+        return code, _sandbox_failure(e)
+
+
+def _sandbox_failure(e: Exception) -> Any:
+    from autocode4math.sandbox import ExecResult
+
+    return ExecResult("sandbox_error", "", f"SandboxError: {e}", 0.0)
+
+
+def _execute_round(run: _Run, active: list[tuple[int, _Trajectory]], codes: list[str | None]) -> None:
     runs = [(t, code) for (_, t), code in zip(active, codes, strict=True) if code is not None]
-    for (t, code), result in zip(runs, _run_code(runs, sandbox), strict=True):
-        _insert_output(t, code, result, tokenizer, config)
+    for (t, code), result in zip(runs, _run_code(runs, run.sandbox), strict=True):
+        _insert_output(t, code, result, run.backend.tokenizer, run.config)
+    run.code_calls += len(runs)
 
 
 def _run_code(runs: list[tuple[_Trajectory, str]], sandbox: Any) -> list[Any]:
     """Run the round's blocks, opening sessions as needed. When the sandbox itself fails (SandboxError),
     every block of the round gets status `sandbox_error` (the model sees the failure) instead of a crash."""
-    from autocode4math.sandbox import ExecResult, SandboxError
+    from autocode4math.sandbox import SandboxError
 
     if not runs:
         return []
@@ -418,7 +616,7 @@ def _run_code(runs: list[tuple[_Trajectory, str]], sandbox: Any) -> list[Any]:
                 t.session = sandbox.open_session()
         return sandbox.run_many([(t.session, code) for t, code in runs])
     except SandboxError as e:
-        return [ExecResult("sandbox_error", "", f"SandboxError: {e}", 0.0)] * len(runs)
+        return [_sandbox_failure(e)] * len(runs)
 
 
 def _grade(items: list[tuple[str, Any, str | None]], grader: Callable) -> list[Any]:

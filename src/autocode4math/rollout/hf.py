@@ -6,11 +6,23 @@ afterwards at the token that completed the stop string or at its first EOS (`fin
 transformers matches stop strings across the whole sequence, context included; a row it stopped on
 a match that started in the context (so the generated text alone lacks the stop string) ends as EOS.
 
+Sampling is seeded per row, so a row's tokens never depend on its batch neighbours, the batch size
+or the order in which requests arrive (a resumed run draws what an uninterrupted one drew, and one
+worker draws what two do). `generate` decodes greedily over scores that `RowSeededSampler` has
+turned into a sample: temperature and top-p (transformers' own warpers, applied per row), plus
+Gumbel noise drawn from a generator of the row's own, seeded with the request's seed. The argmax of
+log-probabilities plus independent Gumbel noise is a draw from those probabilities (the Gumbel-max
+trick), and the t-th generated token of a row always uses the t-th draw of its generator.
+
+What remains batch dependent is float rounding: a padded batch computes a row's logits with other
+matrix shapes than the row alone, which moves them by about 1e-6. A token flips only where two
+candidates' noisy scores tie that closely (see docs/rollout.md for what the tiny test models show).
+
 A request whose budget goes past the model's context (`max_position_embeddings`) is cut to fit, with a
 warning: positions the model was never trained on only produce garbage, slowly.
 
-Simplifications: one `max_new_tokens` per batch (the largest remaining budget in it; rows are cut
-to their own budget afterwards) and one torch seed per batch call.
+Simplification: one `max_new_tokens` per batch (the largest remaining budget in it; rows are cut
+to their own budget afterwards).
 """
 
 from __future__ import annotations
@@ -21,6 +33,40 @@ from collections.abc import Sequence
 from typing import Any
 
 from autocode4math.rollout.engine import Generation, GenerationRequest, SamplingParams, finish_generation
+
+
+class RowSeededSampler:
+    """A logits processor whose argmax is a sample from softmax(scores / temperature) within top-p.
+
+    Each row has its own `torch.Generator` seeded with `seeds[row]`; every call draws one vector of
+    Gumbel noise per row, so row r's t-th token depends only on its own context and seed.
+    """
+
+    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float) -> None:
+        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+        if temperature <= 0:
+            raise ValueError(f"RowSeededSampler needs temperature > 0, got {temperature}")
+        warpers: list[Any] = [TemperatureLogitsWarper(temperature)]
+        if top_p < 1.0:
+            warpers.append(TopPLogitsWarper(top_p))
+        self.warpers = LogitsProcessorList(warpers)
+        self.seeds = list(seeds)
+        self.generators: list[Any] = []
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        """scores: (batch, vocab) float logits -> (batch, vocab) warped log-weights plus Gumbel noise."""
+        import torch
+
+        if not self.generators:
+            self.generators = [torch.Generator(device=scores.device).manual_seed(s) for s in self.seeds]
+        scores = self.warpers(input_ids, scores)
+        tiny = torch.finfo(scores.dtype).tiny
+        exp = torch.empty_like(scores)
+        for row, generator in enumerate(self.generators):
+            exp[row].exponential_(generator=generator)
+        # -log(E) with E ~ Exp(1) is standard Gumbel noise
+        return scores - exp.clamp_min_(tiny).log_()
 
 
 class HFBackend:
@@ -94,6 +140,7 @@ class HFBackend:
 
     def _batch(self, requests: Sequence[GenerationRequest], sampling: SamplingParams) -> list[Generation]:
         import torch
+        from transformers import LogitsProcessorList
 
         width = max(len(r.ids) for r in requests)
         ids = torch.full((len(requests), width), self.pad_id, dtype=torch.long)
@@ -101,10 +148,10 @@ class HFBackend:
         for row, r in enumerate(requests):
             ids[row, width - len(r.ids) :] = torch.tensor(r.ids, dtype=torch.long)
             attention[row, width - len(r.ids) :] = 1
-        kwargs: dict[str, Any] = {"do_sample": False}
+        kwargs: dict[str, Any] = {}
         if sampling.temperature > 0:
-            torch.manual_seed(requests[0].seed)
-            kwargs = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p}
+            sampler = RowSeededSampler([r.seed for r in requests], sampling.temperature, sampling.top_p)
+            kwargs["logits_processor"] = LogitsProcessorList([sampler])
         if self.cache_implementation is not None:
             kwargs["cache_implementation"] = self.cache_implementation
         with torch.no_grad():
@@ -115,6 +162,7 @@ class HFBackend:
                 stop_strings=[sampling.stop],
                 tokenizer=self.tokenizer,
                 pad_token_id=self.pad_id,
+                do_sample=False,
                 top_k=None,
                 **kwargs,
             )

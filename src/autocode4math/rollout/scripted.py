@@ -8,11 +8,17 @@ HF backend, the engine sees the same kind of output from both.
 
 What the responder sees is the full context text (prompt, prefix and response so far), so a script
 can depend on the question, the mode's prefix, or how many tool outputs were inserted already.
+
+`AsyncScriptedBackend` takes the same script through `submit`, as a server does: each request is
+answered on a thread of its own after `latency(request)` seconds, so the engine runs asynchronously.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from autocode4math.rollout.engine import Generation, GenerationRequest, SamplingParams, encode, finish_generation
@@ -58,3 +64,43 @@ class ScriptedBackend:
             ids.append(self.eos_id)
         eos_ids = {self.eos_id} if self.eos_id is not None else set()
         return finish_generation(ids, self.tokenizer, sampling.stop, request.max_tokens, eos_ids)
+
+
+class AsyncScriptedBackend(ScriptedBackend):
+    """The scripted model behind `submit`: answers after `latency(request)` seconds, many requests at once.
+
+    `latency` may also block (e.g. on an event) to hold a request until a test has seen what it wants.
+    `in_flight` / `max_in_flight` count submitted requests not yet answered.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        responder: Responder,
+        eos: bool = True,
+        latency: Callable[[GenerationRequest], float | None] | None = None,
+        workers: int = 64,
+    ) -> None:
+        super().__init__(tokenizer, responder, eos)
+        self.latency = latency or (lambda request: 0.0)
+        self.in_flight = self.max_in_flight = 0
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="scripted")
+
+    def submit(self, request: GenerationRequest, sampling: SamplingParams) -> Future[Generation]:
+        with self._lock:
+            self.requests.append(request)
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        return self._pool.submit(self._answer, request, sampling)
+
+    def _answer(self, request: GenerationRequest, sampling: SamplingParams) -> Generation:
+        try:
+            time.sleep(self.latency(request) or 0.0)
+            return self._one(request, sampling)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
