@@ -19,7 +19,7 @@ from autocode4math.health import HealthConfig, ToolHealthError, alarms, reusable
 from autocode4math.io import read_jsonl
 from autocode4math.prompts import CODE_PREFIX
 from autocode4math.rollout import RolloutConfig, RolloutRequest, run_rollouts
-from autocode4math.rollout.scripted import ScriptedBackend
+from autocode4math.rollout.scripted import AsyncScriptedBackend, ScriptedBackend
 from autocode4math.sandbox import ExecResult, SandboxError, SandboxPool
 
 
@@ -130,6 +130,9 @@ class BrokenPool:
             raise SandboxError("lost the connection to the sandbox service")
         return [ExecResult("sandbox_error", "", "SandboxError: worker pool exhausted", 0.0) for _ in requests]
 
+    def run(self, session: str, code: str):  # the async schedule runs blocks one at a time
+        return self.run_many([(session, code)])[0]
+
     def close_session(self, session: str) -> None:
         if self.where != "status":
             raise SandboxError("cannot close")
@@ -142,9 +145,10 @@ def _problem(i: int = 0) -> Problem:
     return Problem(f"q{i}", f"What is {i} times 7?", "42", "toy", {})
 
 
+@pytest.mark.parametrize("schedule", [ScriptedBackend, AsyncScriptedBackend])
 @pytest.mark.parametrize("where", ["open", "run", "status"])
-def test_a_broken_sandbox_gives_sandbox_error_blocks_not_a_crash(tiny_tokenizer, where):
-    backend = ScriptedBackend(tiny_tokenizer, responder)
+def test_a_broken_sandbox_gives_sandbox_error_blocks_not_a_crash(tiny_tokenizer, where, schedule):
+    backend = schedule(tiny_tokenizer, responder)
     requests = [RolloutRequest(_problem(i), "code", 0, CODE_PREFIX) for i in range(3)]
     records = run_rollouts(backend, requests, RolloutConfig(), progress=False, sandbox=BrokenPool(where))
     assert len(records) == 3
@@ -162,8 +166,9 @@ def test_a_broken_sandbox_gives_sandbox_error_blocks_not_a_crash(tiny_tokenizer,
         (lambda items: [Grade("42", False, "error", "RecursionError: deep")] * len(items), "error", "Recursion"),
     ],
 )
-def test_grader_failures_are_recorded_with_their_message(tiny_tokenizer, grader, status, message):
-    backend = ScriptedBackend(tiny_tokenizer, lambda ctx: "\\boxed{42}")
+@pytest.mark.parametrize("schedule", [ScriptedBackend, AsyncScriptedBackend])
+def test_grader_failures_are_recorded_with_their_message(tiny_tokenizer, grader, status, message, schedule):
+    backend = schedule(tiny_tokenizer, lambda ctx: "\\boxed{42}")
     requests = [RolloutRequest(_problem(i), "cot", 0, "") for i in range(2)]
     records = run_rollouts(
         backend, requests, RolloutConfig(), progress=False, sandbox=BrokenPool("status"), grader=grader
