@@ -110,22 +110,23 @@ def version() -> None:
 
 
 @app.command("exec")
+@_user_errors
 def exec_code(
-    timeout: float = typer.Option(10.0, "--timeout", help="Wall-clock limit in seconds."),
-    memory_mb: int = typer.Option(1024, "--memory-mb", help="Memory the code may use, in MB."),
+    timeout: float | None = typer.Option(None, "--timeout", help="Wall-clock limit in seconds (default 10)."),
+    memory_mb: int | None = typer.Option(None, "--memory-mb", help="Memory the code may use, in MB (default 1024)."),
+    overrides: list[str] = typer.Option([], "--set", help="SandboxConfig fields, e.g. --set url=http://host:8100."),
 ) -> None:
     """Run Python read from stdin in the isolated sandbox; the last stdout line is a JSON result."""
+    import dataclasses
     import json
     import sys
 
-    from autocode4math.sandbox import SandboxConfig, SandboxError, execute
+    from autocode4math.sandbox import SandboxConfig, SandboxError, open_sandbox
 
+    config = _config(SandboxConfig, "", overrides, {"timeout_s": timeout, "memory_mb": memory_mb})
     try:
-        config = SandboxConfig(timeout_s=timeout, memory_mb=memory_mb)
-    except ValueError as e:
-        _fail(str(e))
-    try:
-        result = execute(sys.stdin.read(), config)
+        with open_sandbox(dataclasses.replace(config, prefork=0, workers=1)) as sandbox:
+            result = sandbox.run(sandbox.open_session(), sys.stdin.read())
     except SandboxError as e:
         _fail(f"sandbox failure: {e}")
     typer.echo(json.dumps(result.to_dict()))
