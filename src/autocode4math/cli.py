@@ -89,14 +89,16 @@ def _fields(question: str | None, answer: str | None, id_: str | None) -> dict[s
 
 @contextlib.contextmanager
 def _run_errors() -> Iterator[None]:
-    """Failures of a run's machinery (fleet, server, launched M-step) as one message and exit code 1."""
+    """Failures of a run's machinery (fleet, server, launched M-step) and tool-health alarms (a stage's sandbox
+    or grader broke) as one message and exit code 1."""
     from autocode4math.fleet import FleetError
+    from autocode4math.health import ToolHealthError
     from autocode4math.launch import LaunchError
     from autocode4math.rollout.server import ServerError
 
     try:
         yield
-    except (FleetError, LaunchError, ServerError) as e:
+    except (FleetError, LaunchError, ServerError, ToolHealthError) as e:
         typer.echo(f"Error: {e}", err=True)
         raise typer.Exit(1) from None
 
@@ -199,7 +201,9 @@ def grade(
     out: str = typer.Option(..., "--out", help="Output JSONL: the input rows plus `pred` and `correct`, same order."),
     benchmark: str = typer.Option("", help="Grading convention for rows without a `benchmark` field (e.g. aime24)."),
     workers: int | None = typer.Option(None, help="Grading processes (default: CPU count - 1)."),
-    timeout: float = typer.Option(10.0, help="Hard per-item timeout in seconds; a timeout counts as wrong."),
+    timeout: float = typer.Option(
+        10.0, help="Hard per-item timeout in seconds; a timeout is recorded (grade_status) and counts as wrong."
+    ),
 ) -> None:
     """Grade model responses against gold answers; print a summary line."""
     from autocode4math.grading import grade_file
@@ -211,7 +215,7 @@ def grade(
         _fail(str(e))
     typer.echo(
         f"graded {s['graded']}: {s['correct']} correct ({100 * s['accuracy']:.1f}%), "
-        f"{s['no_answer']} without an answer, {s['timed_out']} timed out -> {out}"
+        f"{s['no_answer']} without an answer, {s['timed_out']} timed out, {s['errors']} grader errors -> {out}"
     )
 
 
@@ -262,6 +266,14 @@ def eval_(
     workers: int | None = typer.Option(None, help="Rollout engines; more than 1 runs them as Ray actors (fleet.*)."),
     config: str = typer.Option("", help="YAML file with EvalConfig fields."),
     overrides: list[str] = typer.Option([], "--set", help="Dotted overrides, e.g. --set max_new_tokens=1024."),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Discard results in --out made with other settings and redo them (matching ones stay).",
+    ),
+    ignore_tool_health: bool = typer.Option(
+        False, "--ignore-tool-health", help="Record tool-health alarms (sandbox/grader failures) but go on."
+    ),
 ) -> None:
     """Evaluate a model in auto/cot/code modes: per-sample JSONL, metrics.json, report.md, plots."""
     from autocode4math.evaluate import EvalConfig, run_eval
@@ -269,11 +281,12 @@ def eval_(
     given = {"model": model, "benchmarks": benchmarks, "modes": modes, "out": out, "backend": backend, "n": n}
     given |= {"temperature": temperature, "limit": limit, "benchmark_files": benchmark_file or None}
     given |= _fields(question_field, answer_field, id_field) | {"fleet.workers": workers}
+    given |= {"health.check": False if ignore_tool_health else None}
     if benchmark_file and not benchmarks:
         given["benchmarks"] = []  # only the given files, not the default benchmarks
     cfg = _config(EvalConfig, config, overrides, given)
     with _run_errors():
-        run_eval(cfg)
+        run_eval(cfg, overwrite=overwrite)
 
 
 @app.command("view")
@@ -370,6 +383,11 @@ def estep(
     id_field: str | None = ID_FIELD,
     config: str = typer.Option("", help="YAML preset with EStepConfig fields."),
     overrides: list[str] = typer.Option([], "--set", help="Dotted overrides, e.g. --set k=8 --set alpha=2."),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Discard results in --out made with other settings and redo them (matching ones stay).",
+    ),
 ) -> None:
     """E-step: K rollouts per code decision, Q, pi, s*, and the subsampled training set (resumable)."""
     import json
@@ -384,7 +402,7 @@ def estep(
     model = resolve_model(model, cfg.backend)
     fields = FieldNames(question_field, answer_field, id_field)
     problems = load_problems(queries, split=split, limit=limit or None, **fields.as_kwargs())
-    summary = run_estep(model, problems, cfg, out)
+    summary = run_estep(model, problems, cfg, out, overwrite=overwrite)
     typer.echo(json.dumps(summary, indent=2))
 
 
@@ -396,13 +414,23 @@ def mstep(
     out: str = typer.Option(..., help="Output directory: model/, metrics.jsonl, tb/, state/ (resumable)."),
     config: str = typer.Option("", help="YAML preset with MStepConfig fields."),
     overrides: list[str] = typer.Option([], "--set", help="Dotted overrides, e.g. --set lr=1e-5 --set lora_r=16."),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Discard results in --out made with other settings and redo them (matching ones stay).",
+    ),
+    fingerprint: str = typer.Option(
+        "", hidden=True, help="JSON file of the stage fingerprint to check (autocode train --launch passes it)."
+    ),
 ) -> None:
     """M-step: clipped off-policy RL + decision cross-entropy; `accelerate launch -m autocode4math.cli mstep ...`."""
+    from autocode4math.io import read_json
     from autocode4math.mstep import MStepConfig, run_mstep
     from autocode4math.rollout import resolve_model
 
     cfg = _config(MStepConfig, config, overrides)
-    typer.echo(str(run_mstep(resolve_model(model), data, cfg, out)))
+    expected = read_json(fingerprint) if fingerprint else None
+    typer.echo(str(run_mstep(resolve_model(model), data, cfg, out, overwrite=overwrite, fingerprint=expected)))
 
 
 @app.command("train")
@@ -430,15 +458,24 @@ def train_cmd(
     overrides: list[str] = typer.Option(
         [], "--set", help="Dotted overrides, e.g. --set estep.k=8 --set mstep.lr=1e-5 --set fleet.address=auto."
     ),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Discard results in --out made with other settings and redo them (matching ones stay).",
+    ),
+    ignore_tool_health: bool = typer.Option(
+        False, "--ignore-tool-health", help="Record tool-health alarms (sandbox/grader failures) but go on."
+    ),
 ) -> None:
     """The EM loop (or a baseline): collect data, update the policy, evaluate on dev; resumable by stage."""
     from autocode4math.em import TrainConfig, train
 
     given = {"method": method, "model": model, "queries": queries, "out": out, "iterations": iterations}
     given |= _fields(question_field, answer_field, id_field) | {"fleet.workers": workers, "launch.preset": launch}
+    given |= {"health.check": False if ignore_tool_health else None}
     cfg = _config(TrainConfig, config, overrides, given)
     with _run_errors():
-        rows = train(cfg)
+        rows = train(cfg, overwrite=overwrite)
     last = rows[-1] if rows else {}
     typer.echo(f"done: {cfg.out} (final dev auto accuracy {last.get('auto_accuracy')})")
 
@@ -452,12 +489,18 @@ def demo_cmd(
         1, "--seeds", help="Training seeds; more than one also tests on all 600 questions and reports intervals."
     ),
     overrides: list[str] = typer.Option([], "--set", help="Dotted DemoConfig overrides, e.g. --set iterations=3."),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Discard results in --out made with other settings and redo them (matching ones stay).",
+    ),
 ) -> None:
     """The toy study: EM vs Base+RL, SFT, SFT+RL from the shipped checkpoints; report.md, metrics.json, plots."""
     from autocode4math.demo import run_demo
 
     cfg = demo_config(full, out, seeds, overrides)
-    metrics = run_demo(cfg)
+    with _run_errors():
+        metrics = run_demo(cfg, overwrite=overwrite)
     typer.echo(f"report: {cfg.out}/report.md ({metrics['seconds']:.0f} s)")
     for name, t in metrics["targets"].items():
         typer.echo(f"  {name}: {'met' if t['met'] else 'NOT met'}")

@@ -29,6 +29,7 @@ from autocode4math.benchmarks import TOY_SOURCES
 from autocode4math.config import save_config, with_overrides
 from autocode4math.em import DevEval, TrainConfig, flatten_metrics, resolve_model, train
 from autocode4math.estep import EStepConfig
+from autocode4math.fingerprint import SANDBOX_PLACEMENT, Stage, guard, settings_of
 from autocode4math.io import read_jsonl, write_json
 from autocode4math.mstep import MStepConfig
 from autocode4math.rollout import RolloutConfig
@@ -41,6 +42,11 @@ from autocode4math.seeds import (
     summarise,
 )
 
+NOT_IN_FINGERPRINT = ("out", "methods", "batch_size", "seed", "seeds", *SANDBOX_PLACEMENT)
+"""DemoConfig fields that cannot change any part's results: each method and each seed is a part of its own (its
+training run under seed-<s>/ records its own fingerprint, seed included), so seeds can run as separate processes."""
+OUTPUTS = ("demo_config.yaml", "metrics.json", "report.md", "fig*.png", "seed-*", "sft", "test")
+"""What the demo writes in its directory."""
 RUNS = {"em": ("em", "base"), "em_mid": ("em", "base"), "base_rl": ("rl", "base"), "sft_rl": ("rl", "toy-sft")}
 """Trained methods: (em.train method, starting checkpoint; `base` is DemoConfig.base_model)."""
 LABELS = {
@@ -169,7 +175,9 @@ def rl_epochs(config: DemoConfig) -> float:
     return config.epochs * min(config.per_query, 2 * config.k) / (2 * config.k)
 
 
-def evaluate(config: DemoConfig, model: str, source: str, out: Path, progress: bool) -> dict[str, Any]:
+def evaluate(
+    config: DemoConfig, model: str, source: str, out: Path, progress: bool, overwrite: bool = False
+) -> dict[str, Any]:
     """auto/cot/code on a toy split (greedy, one sample per question), resumable in `out`."""
     from autocode4math.evaluate import EvalConfig, run_eval
 
@@ -185,28 +193,30 @@ def evaluate(config: DemoConfig, model: str, source: str, out: Path, progress: b
         max_active=256,
         sandbox=config.sandbox,
     )
-    return flatten_metrics(run_eval(ev, progress=progress))
+    return flatten_metrics(run_eval(ev, progress=progress, overwrite=overwrite))
 
 
-def run_demo(config: DemoConfig, progress: bool = True) -> dict[str, Any]:
+def run_demo(config: DemoConfig, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Run (or resume) the study for every seed; write metrics.json, report.md and the figures; return the metrics.
 
     Layout: `test/base` and `test/sft` first, once: the shipped checkpoints evaluated greedily do not depend on
     the seed; then `seed-<s>/<method>/` (an em.train run) and `seed-<s>/test/<method>/` per seed. Seeds can also
     run as separate processes (`--seeds 1 --set seed=s`, same `--out`) once `test/` is done; a final run with
-    all the seeds then only aggregates.
+    all the seeds then only aggregates. The study's settings are checked against the fingerprint recorded in
+    `out` before anything runs, and every part (training run, evaluation) checks its own too; `overwrite`
+    discards results made with other settings instead of refusing.
     """
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    guard(Stage(out, "demo", settings_of(config, leave_out=NOT_IN_FINGERPRINT), OUTPUTS), overwrite)
     save_config(config, out / "demo_config.yaml")
     started = time.monotonic()
     fixed = {"base": resolve_model(config.base_model)}
     fixed |= {"sft": resolve_model("toy-sft")} if "sft" in config.methods else {}
     tests = {
-        name: evaluate(config, model, f"{config.source}:test", out / "test" / name, progress)
+        name: evaluate(config, model, f"{config.source}:test", out / "test" / name, progress, overwrite)
         for name, model in fixed.items()
     }
-    studies = [run_seed(config, seed, progress) for seed in seed_list(config)]
+    studies = [run_seed(config, seed, progress, overwrite) for seed in seed_list(config)]
     for study in studies:
         for name, test in tests.items():
             study["test"][name], study["samples"][name] = test, out / "test" / name / "samples.jsonl"
@@ -214,7 +224,7 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict[str, Any]:
     if "sft_rl" in config.methods:  # SFT+RL's iteration 0 is the SFT checkpoint on the same dev questions
         sft_dev = studies[0]["curves"]["sft_rl"][0]
     elif "sft" in config.methods:
-        sft_dev = evaluate(config, fixed["sft"], f"{config.source}:dev", out / "sft" / "dev", progress)
+        sft_dev = evaluate(config, fixed["sft"], f"{config.source}:dev", out / "sft" / "dev", progress, overwrite)
     metrics = aggregate(config, studies, round(time.monotonic() - started, 1), sft_dev)
     metrics["cost"] = eval_cost_points({_label(m, metrics): path.parent for m, path in studies[0]["samples"].items()})
     plot_pareto(metrics["cost"], out / "fig_cost_pareto.png", "toy test split: accuracy versus cost")
@@ -228,13 +238,15 @@ def seed_list(config: DemoConfig) -> list[int]:
     return [config.seed + i for i in range(config.seeds)]
 
 
-def run_seed(config: DemoConfig, seed: int, progress: bool) -> dict[str, Any]:
+def run_seed(config: DemoConfig, seed: int, progress: bool, overwrite: bool = False) -> dict[str, Any]:
     """Train and test every RL method of the study with one seed, under `<out>/seed-<seed>`."""
     d = Path(config.out) / f"seed-{seed}"
     one = dataclasses.replace(config, seed=seed, out=str(d))
-    curves = {m: train(train_config(one, m), progress=progress) for m in config.methods if m in RUNS}
+    curves = {
+        m: train(train_config(one, m), progress=progress, overwrite=overwrite) for m in config.methods if m in RUNS
+    }
     test = {
-        m: evaluate(one, rows[-1]["model"], f"{config.source}:test", d / "test" / m, progress)
+        m: evaluate(one, rows[-1]["model"], f"{config.source}:test", d / "test" / m, progress, overwrite)
         for m, rows in curves.items()
     }
     samples = {m: d / "test" / m / "samples.jsonl" for m in curves}
