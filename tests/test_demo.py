@@ -141,3 +141,18 @@ def test_em_overrides_and_the_mid_study_configs():
     assert mid.estep.mid_reasoning and not em.estep.mid_reasoning
     assert em.model == rl.model == "toy-mid-base" and em.queries == "toy-mid" and em.eval.source == "toy-mid:dev"
     assert em.out.endswith("em") and mid.out.endswith("em_mid")
+
+
+def test_seeds_share_a_demo_directory_but_other_settings_do_not():
+    """Seeds run as separate processes into one --out (each seed's runs record their own fingerprint)."""
+    from autocode4math.demo import NOT_IN_FINGERPRINT
+    from autocode4math.fingerprint import differences, settings_of
+
+    def fingerprint(**changes):
+        return settings_of(DemoConfig(test=600, **changes), leave_out=NOT_IN_FINGERPRINT)
+
+    assert fingerprint(seed=0) == fingerprint(seed=3, seeds=2) == fingerprint(seed=1, batch_size=8)
+    assert differences(fingerprint(), settings_of(DemoConfig(test=200), leave_out=NOT_IN_FINGERPRINT)) == [
+        "test: 600 -> 200"
+    ]
+    assert fingerprint() != fingerprint(em={"mstep": {"cot_anchor_weight": 1.0}})
