@@ -110,9 +110,11 @@ def test_typed_options_reach_the_config_as_values(monkeypatch):
     import autocode4math.toymodel as toymodel
 
     seen = {}
-    monkeypatch.setattr(em, "train", lambda cfg: seen.setdefault("train", cfg) and [])
-    monkeypatch.setattr(evaluate, "run_eval", lambda cfg: seen.setdefault("eval", cfg))
-    monkeypatch.setattr(demo, "run_demo", lambda cfg: seen.setdefault("demo", cfg) and {"seconds": 0, "targets": {}})
+    monkeypatch.setattr(em, "train", lambda cfg, **kw: seen.setdefault("train", cfg) and [])
+    monkeypatch.setattr(evaluate, "run_eval", lambda cfg, **kw: seen.setdefault("eval", cfg))
+    monkeypatch.setattr(
+        demo, "run_demo", lambda cfg, **kw: seen.setdefault("demo", cfg) and {"seconds": 0, "targets": {}}
+    )
     monkeypatch.setattr(toymodel, "pretrain", lambda cfg, log, overwrite: seen.setdefault("pretrain", cfg))
     odd = "runs/run #2: {a, b} [x]"
     for args in (
@@ -184,8 +186,8 @@ def test_field_options_reach_the_loader(tmp_path, monkeypatch):
     import autocode4math.evaluate as evaluate
 
     seen = {}
-    monkeypatch.setattr(em, "train", lambda cfg: seen.setdefault("train", cfg) and [])
-    monkeypatch.setattr(evaluate, "run_eval", lambda cfg: seen.setdefault("eval", cfg))
+    monkeypatch.setattr(em, "train", lambda cfg, **kw: seen.setdefault("train", cfg) and [])
+    monkeypatch.setattr(evaluate, "run_eval", lambda cfg, **kw: seen.setdefault("eval", cfg))
     names = ["--question-field", "text", "--answer-field", "gold", "--id-field", "key"]
     assert run(["eval", "--model", "m", "--benchmark-file", "f.jsonl", *names]).exit_code == 0
     assert run(["train", "--queries", "f.jsonl", *names]).exit_code == 0

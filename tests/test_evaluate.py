@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from autocode4math.cli import app
 from autocode4math.evaluate import EvalConfig, replace, run_eval, sampling_for
+from autocode4math.fingerprint import ResumeError
 from autocode4math.io import read_jsonl
 from autocode4math.prompts import CODE_PREFIX
 from autocode4math.rollout.scripted import ScriptedBackend
@@ -103,10 +104,29 @@ def test_resume_generates_only_missing_samples(tmp_path, tiny_tokenizer, pool):
     backend = ScriptedBackend(tiny_tokenizer, responder)
     run_eval(cfg, backend=backend, sandbox=pool, progress=False)
     assert backend.calls == []  # nothing left to do
-    with pytest.raises(ValueError, match=r"different \['temperature'\]"):
+    with pytest.raises(ResumeError, match=r"temperature: null -> 0.7"):
         run_eval(replace(cfg, temperature=0.7), backend=backend, sandbox=pool, progress=False)
     run_eval(replace(cfg, limit=2), backend=backend, sandbox=pool, progress=False)  # a subset is fine
+    run_eval(replace(cfg, batch_size=3, modes=["cot"]), backend=backend, sandbox=pool, progress=False)
     assert backend.calls == []
+    assert "temperature: null" in (tmp_path / "run" / "config.yaml").read_text()  # the refused run wrote nothing
+
+
+def test_resume_refuses_samples_of_changed_questions_and_other_models(tmp_path, tiny_tokenizer, pool):
+    bench = tiny_benchmark(tmp_path / "tiny.jsonl")
+    cfg = EvalConfig(model="scripted", benchmarks=[], benchmark_files=[str(bench)], out=str(tmp_path / "run"))
+    run_eval(cfg, backend=ScriptedBackend(tiny_tokenizer, responder), sandbox=pool, progress=False)
+    rows = [json.loads(line) for line in bench.read_text().splitlines()]
+    for field, value in (("question", "What is 1 plus 11?"), ("answer", "12")):  # same id, other content
+        bench.write_text("".join(json.dumps({**r, field: value} if r["id"] == "q1" else r) + "\n" for r in rows))
+        with pytest.raises(ResumeError, match=r"differ from tiny's now \(e.g. id q1\)"):
+            run_eval(cfg, backend=ScriptedBackend(tiny_tokenizer, responder), sandbox=pool, progress=False)
+    backend = ScriptedBackend(tiny_tokenizer, responder)
+    metrics = run_eval(cfg, backend=backend, sandbox=pool, progress=False, overwrite=True)
+    assert sum(backend.calls[:1]) == 3  # only q1's three modes were redone
+    assert metrics["benchmarks"]["tiny"]["modes"]["code"]["n_samples"] == 4
+    with pytest.raises(ResumeError, match=r"model: \"name:scripted\" -> \"name:other\""):
+        run_eval(replace(cfg, model="other"), backend=backend, sandbox=pool, progress=False)
 
 
 def test_paper_sampling_defaults_and_overrides():

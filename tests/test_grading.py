@@ -97,7 +97,8 @@ def test_timeout_counts_wrong_and_the_pool_recovers():
     easy = [("\\boxed{\\sqrt{8}}", "2\\sqrt{2}", None)] * 5
     with GradingPool(workers=1, chunk_size=4) as pool:
         grades = pool.grade_many([easy[0], SLOW_ITEM, *easy], timeout_s=2.0)
-        assert grades[1] == Grade("(x+1)^{3000}", correct=False, timed_out=True)
+        assert grades[1] == Grade("(x+1)^{3000}", correct=False, status="timeout")
+        assert grades[1].timed_out and "longer than 2 s" in grades[1].error
         assert all(g == Grade("\\sqrt{8}", True) for i, g in enumerate(grades) if i != 1)  # rest of chunk regraded
         assert pool.grade_many(easy[:2], timeout_s=2.0) == [Grade("\\sqrt{8}", True)] * 2  # replaced worker works
 

@@ -62,7 +62,7 @@ def test_record_has_the_contract_keys(tiny_tokenizer, pool):
     keys = (
         "id benchmark mode sample question answer meta prompt prefix response prompt_ids prefix_ids response_ids"
         " response_mask segments code_blocks n_code_calls used_code finish_reason error tokens_from n_prompt_tokens"
-        " n_generated_tokens pred correct"
+        " n_generated_tokens pred correct grade_status grade_error"
     )
     assert list(r) == keys.split(" ")
     assert (r["used_code"], r["n_code_calls"], r["segments"][0]["kind"]) == (False, 0, "model")

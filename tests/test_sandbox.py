@@ -130,3 +130,12 @@ def test_bench_sandbox_reports_throughput_cpu_and_overheads():
     parts = sandbox_overheads(n=2)
     assert set(parts) == {"start_ms", "block_ms", "close_ms", "session_cpu_ms", "sympy_first_ms", "sympy_again_ms"}
     assert parts["session_cpu_ms"] > 0 and parts["sympy_first_ms"] > parts["block_ms"]
+
+
+def test_exec_command_takes_any_sandbox_setting():
+    cmd = [sys.executable, "-c", "from autocode4math.cli import app; app()", "exec", "--set", "max_output_chars=20"]
+    proc = subprocess.run(cmd, input="print('y' * 1000)", capture_output=True, text=True, timeout=60)
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["status"] == "ok" and "characters truncated" in out["stdout"] and len(out["stdout"]) < 100
+    bad = subprocess.run(cmd[:4] + ["--set", "scratch_mb=0"], input="1", capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "scratch_mb" in bad.stderr and "Traceback" not in bad.stderr

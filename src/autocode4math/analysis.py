@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from autocode4math.estep import decision_of
+from autocode4math.health import tool_counts
 from autocode4math.prompts import CODE_PREFIX
 
 CI_METHOD = "percentile bootstrap over questions (2000 resamples, seed 0)"
@@ -73,12 +74,14 @@ def bootstrap_ci(
 
 
 def mode_metrics(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Accuracy (with interval), code-use rate, mean code calls, code error rate, mean tokens."""
+    """Accuracy (with interval), code-use rate, mean code calls, code error rate, mean tokens, and the
+    code calls and gradings by status (see health.tool_counts)."""
     if not records:
         raise ValueError("mode_metrics needs at least one record")
     n = len(records)
     blocks = [b for r in records for b in r["code_blocks"] if b["status"] != "not_run"]
     low, high = bootstrap_ci(records)
+    tools = tool_counts(records)
     return {
         "n_samples": n,
         "n_questions": len({str(r["id"]) for r in records}),
@@ -94,6 +97,8 @@ def mode_metrics(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "finish_reasons": {
             k: sum(r["finish_reason"] == k for r in records) for k in ("answer", "length", "round_limit")
         },
+        "code_calls": tools["code_calls"],
+        "grading": tools["grading"],
     }
 
 

@@ -86,14 +86,16 @@ def _fields(question: str | None, answer: str | None, id_: str | None) -> dict[s
 
 @contextlib.contextmanager
 def _run_errors() -> Iterator[None]:
-    """Failures of a run's machinery (fleet, server, launched M-step) as one message and exit code 1."""
+    """Failures of a run's machinery (fleet, server, launched M-step) and tool-health alarms (a stage's sandbox
+    or grader broke) as one message and exit code 1."""
     from autocode4math.fleet import FleetError
+    from autocode4math.health import ToolHealthError
     from autocode4math.launch import LaunchError
     from autocode4math.rollout.server import ServerError
 
     try:
         yield
-    except (FleetError, LaunchError, ServerError) as e:
+    except (FleetError, LaunchError, ServerError, ToolHealthError) as e:
         typer.echo(f"Error: {e}", err=True)
         raise typer.Exit(1) from None
 
@@ -108,22 +110,23 @@ def version() -> None:
 
 
 @app.command("exec")
+@_user_errors
 def exec_code(
-    timeout: float = typer.Option(10.0, "--timeout", help="Wall-clock limit in seconds."),
-    memory_mb: int = typer.Option(1024, "--memory-mb", help="Memory the code may use, in MB."),
+    timeout: float | None = typer.Option(None, "--timeout", help="Wall-clock limit in seconds (default 10)."),
+    memory_mb: int | None = typer.Option(None, "--memory-mb", help="Memory the code may use, in MB (default 1024)."),
+    overrides: list[str] = typer.Option([], "--set", help="SandboxConfig fields, e.g. --set url=http://host:8100."),
 ) -> None:
     """Run Python read from stdin in the isolated sandbox; the last stdout line is a JSON result."""
+    import dataclasses
     import json
     import sys
 
-    from autocode4math.sandbox import SandboxConfig, SandboxError, execute
+    from autocode4math.sandbox import SandboxConfig, SandboxError, open_sandbox
 
+    config = _config(SandboxConfig, "", overrides, {"timeout_s": timeout, "memory_mb": memory_mb})
     try:
-        config = SandboxConfig(timeout_s=timeout, memory_mb=memory_mb)
-    except ValueError as e:
-        _fail(str(e))
-    try:
-        result = execute(sys.stdin.read(), config)
+        with open_sandbox(dataclasses.replace(config, prefork=0, workers=1)) as sandbox:
+            result = sandbox.run(sandbox.open_session(), sys.stdin.read())
     except SandboxError as e:
         _fail(f"sandbox failure: {e}")
     typer.echo(json.dumps(result.to_dict()))
@@ -195,7 +198,9 @@ def grade(
     out: str = typer.Option(..., "--out", help="Output JSONL: the input rows plus `pred` and `correct`, same order."),
     benchmark: str = typer.Option("", help="Grading convention for rows without a `benchmark` field (e.g. aime24)."),
     workers: int | None = typer.Option(None, help="Grading processes (default: CPU count - 1)."),
-    timeout: float = typer.Option(10.0, help="Hard per-item timeout in seconds; a timeout counts as wrong."),
+    timeout: float = typer.Option(
+        10.0, help="Hard per-item timeout in seconds; a timeout is recorded (grade_status) and counts as wrong."
+    ),
 ) -> None:
     """Grade model responses against gold answers; print a summary line."""
     from autocode4math.grading import grade_file
@@ -207,7 +212,7 @@ def grade(
         _fail(str(e))
     typer.echo(
         f"graded {s['graded']}: {s['correct']} correct ({100 * s['accuracy']:.1f}%), "
-        f"{s['no_answer']} without an answer, {s['timed_out']} timed out -> {out}"
+        f"{s['no_answer']} without an answer, {s['timed_out']} timed out, {s['errors']} grader errors -> {out}"
     )
 
 
@@ -258,6 +263,14 @@ def eval_(
     workers: int | None = typer.Option(None, help="Rollout engines; more than 1 runs them as Ray actors (fleet.*)."),
     config: str = typer.Option("", help="YAML file with EvalConfig fields."),
     overrides: list[str] = typer.Option([], "--set", help="Dotted overrides, e.g. --set max_new_tokens=1024."),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Discard results in --out made with other settings and redo them (matching ones stay).",
+    ),
+    ignore_tool_health: bool = typer.Option(
+        False, "--ignore-tool-health", help="Record tool-health alarms (sandbox/grader failures) but go on."
+    ),
 ) -> None:
     """Evaluate a model in auto/cot/code modes: per-sample JSONL, metrics.json, report.md, plots."""
     from autocode4math.evaluate import EvalConfig, run_eval
@@ -265,11 +278,12 @@ def eval_(
     given = {"model": model, "benchmarks": benchmarks, "modes": modes, "out": out, "backend": backend, "n": n}
     given |= {"temperature": temperature, "limit": limit, "benchmark_files": benchmark_file or None}
     given |= _fields(question_field, answer_field, id_field) | {"fleet.workers": workers}
+    given |= {"health.check": False if ignore_tool_health else None}
     if benchmark_file and not benchmarks:
         given["benchmarks"] = []  # only the given files, not the default benchmarks
     cfg = _config(EvalConfig, config, overrides, given)
     with _run_errors():
-        run_eval(cfg)
+        run_eval(cfg, overwrite=overwrite)
 
 
 @app.command("view")
@@ -363,6 +377,11 @@ def estep(
     id_field: str | None = ID_FIELD,
     config: str = typer.Option("", help="YAML preset with EStepConfig fields."),
     overrides: list[str] = typer.Option([], "--set", help="Dotted overrides, e.g. --set k=8 --set alpha=2."),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Discard results in --out made with other settings and redo them (matching ones stay).",
+    ),
 ) -> None:
     """E-step: K rollouts per code decision, Q, pi, s*, and the subsampled training set (resumable)."""
     import json
@@ -377,7 +396,7 @@ def estep(
     model = resolve_model(model, cfg.backend)
     fields = FieldNames(question_field, answer_field, id_field)
     problems = load_problems(queries, split=split, limit=limit or None, **fields.as_kwargs())
-    summary = run_estep(model, problems, cfg, out)
+    summary = run_estep(model, problems, cfg, out, overwrite=overwrite)
     typer.echo(json.dumps(summary, indent=2))
 
 
@@ -389,13 +408,23 @@ def mstep(
     out: str = typer.Option(..., help="Output directory: model/, metrics.jsonl, tb/, state/ (resumable)."),
     config: str = typer.Option("", help="YAML preset with MStepConfig fields."),
     overrides: list[str] = typer.Option([], "--set", help="Dotted overrides, e.g. --set lr=1e-5 --set lora_r=16."),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Discard results in --out made with other settings and redo them (matching ones stay).",
+    ),
+    fingerprint: str = typer.Option(
+        "", hidden=True, help="JSON file of the stage fingerprint to check (autocode train --launch passes it)."
+    ),
 ) -> None:
     """M-step: clipped off-policy RL + decision cross-entropy; `accelerate launch -m autocode4math.cli mstep ...`."""
+    from autocode4math.io import read_json
     from autocode4math.mstep import MStepConfig, run_mstep
     from autocode4math.rollout import resolve_model
 
     cfg = _config(MStepConfig, config, overrides)
-    typer.echo(str(run_mstep(resolve_model(model), data, cfg, out)))
+    expected = read_json(fingerprint) if fingerprint else None
+    typer.echo(str(run_mstep(resolve_model(model), data, cfg, out, overwrite=overwrite, fingerprint=expected)))
 
 
 @app.command("train")
@@ -423,15 +452,24 @@ def train_cmd(
     overrides: list[str] = typer.Option(
         [], "--set", help="Dotted overrides, e.g. --set estep.k=8 --set mstep.lr=1e-5 --set fleet.address=auto."
     ),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Discard results in --out made with other settings and redo them (matching ones stay).",
+    ),
+    ignore_tool_health: bool = typer.Option(
+        False, "--ignore-tool-health", help="Record tool-health alarms (sandbox/grader failures) but go on."
+    ),
 ) -> None:
     """The EM loop (or a baseline): collect data, update the policy, evaluate on dev; resumable by stage."""
     from autocode4math.em import TrainConfig, train
 
     given = {"method": method, "model": model, "queries": queries, "out": out, "iterations": iterations}
     given |= _fields(question_field, answer_field, id_field) | {"fleet.workers": workers, "launch.preset": launch}
+    given |= {"health.check": False if ignore_tool_health else None}
     cfg = _config(TrainConfig, config, overrides, given)
     with _run_errors():
-        rows = train(cfg)
+        rows = train(cfg, overwrite=overwrite)
     last = rows[-1] if rows else {}
     typer.echo(f"done: {cfg.out} (final dev auto accuracy {last.get('auto_accuracy')})")
 
@@ -442,6 +480,11 @@ def demo_cmd(
     full: bool = typer.Option(False, "--full", help="The longer study (more queries, iterations and rollouts)."),
     out: str = typer.Option("", help="Run directory (default runs/demo, or runs/demo-full); reruns resume."),
     overrides: list[str] = typer.Option([], "--set", help="Dotted DemoConfig overrides, e.g. --set iterations=3."),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Discard results in --out made with other settings and redo them (matching ones stay).",
+    ),
 ) -> None:
     """The toy study: EM vs Base+RL, SFT, SFT+RL from the shipped checkpoints; report.md, metrics.json, plots."""
     from autocode4math.config import to_dict
@@ -449,7 +492,8 @@ def demo_cmd(
 
     base = to_dict(DemoConfig.full() if full else DemoConfig())
     cfg = _config(DemoConfig, "", overrides, {"out": out}, base=base)
-    metrics = run_demo(cfg)
+    with _run_errors():
+        metrics = run_demo(cfg, overwrite=overwrite)
     typer.echo(f"report: {cfg.out}/report.md ({metrics['seconds']:.0f} s)")
     for name, t in metrics["targets"].items():
         typer.echo(f"  {name}: {'met' if t['met'] else 'NOT met'}")

@@ -28,11 +28,16 @@ from autocode4math.analysis import cost_table, eval_cost_points, plot_pareto
 from autocode4math.config import save_config
 from autocode4math.em import DevEval, TrainConfig, flatten_metrics, resolve_model, train
 from autocode4math.estep import EStepConfig
+from autocode4math.fingerprint import SANDBOX_PLACEMENT, Stage, guard, settings_of
 from autocode4math.io import read_jsonl, write_json
 from autocode4math.mstep import MStepConfig
 from autocode4math.rollout import RolloutConfig
 from autocode4math.sandbox import SandboxConfig
 
+NOT_IN_FINGERPRINT = ("out", "methods", "batch_size", *SANDBOX_PLACEMENT)
+"""DemoConfig fields that cannot change any part's results (each method is a part of its own)."""
+OUTPUTS = ("demo_config.yaml", "metrics.json", "report.md", "fig*.png", "em", "base_rl", "sft_rl", "sft", "test")
+"""What the demo writes in its directory."""
 RUNS = {"em": ("em", "toy-base"), "base_rl": ("rl", "toy-base"), "sft_rl": ("rl", "toy-sft")}
 LABELS = {"em": "EM (ours)", "base_rl": "Base+RL", "sft_rl": "SFT+RL", "sft": "SFT"}
 
@@ -127,7 +132,9 @@ def rl_epochs(config: DemoConfig) -> float:
     return config.epochs * min(config.per_query, 2 * config.k) / (2 * config.k)
 
 
-def evaluate(config: DemoConfig, model: str, source: str, out: Path, progress: bool) -> dict[str, Any]:
+def evaluate(
+    config: DemoConfig, model: str, source: str, out: Path, progress: bool, overwrite: bool = False
+) -> dict[str, Any]:
     """auto/cot/code on a toy split (greedy, one sample per question), resumable in `out`."""
     from autocode4math.evaluate import EvalConfig, run_eval
 
@@ -143,13 +150,17 @@ def evaluate(config: DemoConfig, model: str, source: str, out: Path, progress: b
         max_active=256,
         sandbox=config.sandbox,
     )
-    return flatten_metrics(run_eval(ev, progress=progress))
+    return flatten_metrics(run_eval(ev, progress=progress, overwrite=overwrite))
 
 
-def run_demo(config: DemoConfig, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) the study; write metrics.json, report.md and the three figures; return the metrics."""
+def run_demo(config: DemoConfig, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    """Run (or resume) the study; write metrics.json, report.md and the three figures; return the metrics.
+
+    The study's settings are checked against the fingerprint recorded in `out` before anything runs,
+    and every part (training run, evaluation) checks its own too; `overwrite` discards results made
+    with other settings instead of refusing."""
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    guard(Stage(out, "demo", settings_of(config, leave_out=NOT_IN_FINGERPRINT), OUTPUTS), overwrite)
     save_config(config, out / "demo_config.yaml")
     started = time.monotonic()
     curves: dict[str, list[dict[str, Any]]] = {}
@@ -158,17 +169,20 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict[str, Any]:
         if method == "sft":
             finals["sft"] = resolve_model("toy-sft")
             continue
-        curves[method] = train(train_config(config, method), progress=progress)
+        curves[method] = train(train_config(config, method), progress=progress, overwrite=overwrite)
         finals[method] = curves[method][-1]["model"]
     finals["base"] = resolve_model("toy-base")
-    test = {name: evaluate(config, model, "toy:test", out / "test" / name, progress) for name, model in finals.items()}
+    test = {
+        name: evaluate(config, model, "toy:test", out / "test" / name, progress, overwrite)
+        for name, model in finals.items()
+    }
     cost = eval_cost_points({LABELS.get(name, name): out / "test" / name for name in test})
     plot_pareto(cost, out / "fig_cost_pareto.png", "toy test split: accuracy versus cost")
     sft_dev = None
     if "sft_rl" in curves:  # SFT+RL's iteration 0 is the SFT checkpoint on the same dev questions
         sft_dev = curves["sft_rl"][0]
     elif "sft" in config.methods:
-        sft_dev = evaluate(config, finals["sft"], "toy:dev", out / "sft" / "dev", progress)
+        sft_dev = evaluate(config, finals["sft"], "toy:dev", out / "sft" / "dev", progress, overwrite)
     phases = code_rate_phases(out / "em", out / "test" / "em" / "samples.jsonl") if "em" in config.methods else {}
     metrics = {
         "config": dataclasses.asdict(config),

@@ -10,6 +10,9 @@ Each iteration has three stages, each writing to its own directory under the run
 `state.json` in the run directory lists the finished stages. Running the same command again skips
 them and resumes the stage in progress: the E-step and the evaluation append their rollouts line by
 line and only generate what is missing; the M-step restarts from its last training-state checkpoint.
+Each stage directory records the fingerprint of what determines its output (`stage_plan`), and a
+rerun whose settings, queries or starting model differ refuses before anything runs (or, with
+`overwrite`, discards the stages that differ): a resumed run is the run its config.yaml describes.
 `metrics.jsonl` holds one row per evaluated iteration, with the cumulative number of *generated*
 tokens spent on training data (the rollout budget every method is compared under).
 
@@ -31,6 +34,8 @@ from typing import Any
 
 from autocode4math.benchmarks import FieldNames
 from autocode4math.config import save_config
+from autocode4math.estep import NOT_IN_FINGERPRINT as ESTEP_NEUTRAL
+from autocode4math.estep import OUTPUTS as COLLECT_OUTPUTS
 from autocode4math.estep import (
     EStepConfig,
     add_decision_tokens,
@@ -41,10 +46,23 @@ from autocode4math.estep import (
     run_estep,
     tokens_from_counts,
 )
+from autocode4math.evaluate import OUTPUTS as EVAL_OUTPUTS
+from autocode4math.fingerprint import (
+    SANDBOX_PLACEMENT,
+    Stage,
+    file_digest,
+    guard,
+    mismatch,
+    model_identity,
+    problems_digest,
+    settings_of,
+)
 from autocode4math.fleet import FleetConfig, Rollouts, open_engines
-from autocode4math.io import JsonlAppender, read_done, read_json, read_jsonl, write_json, write_jsonl
+from autocode4math.health import HealthConfig, check, reusable_records
+from autocode4math.io import JsonlAppender, read_json, read_jsonl, write_json, write_jsonl
 from autocode4math.launch import LaunchConfig, launch_mstep
-from autocode4math.mstep import MStepConfig, run_mstep
+from autocode4math.mstep import NOT_IN_FINGERPRINT as MSTEP_NEUTRAL
+from autocode4math.mstep import MStepConfig, mstep_stage, run_mstep
 from autocode4math.prompts import CODE_PREFIX, MODES
 from autocode4math.rollout import resolve_model
 from autocode4math.sandbox import SandboxConfig
@@ -107,6 +125,8 @@ class TrainConfig:
     """How the M-step runs: in this process, or `--launch PRESET` under accelerate launch."""
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     """Where and under which limits model code runs, in every stage (e.g. `--set sandbox.url=http://host:8100`)."""
+    health: HealthConfig = field(default_factory=HealthConfig)
+    """Tool-health alarms of every rollout stage (E-step, collection, dev evaluation)."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -144,47 +164,130 @@ class RunState:
         self.done[stage] = result
         write_json(self.path, self.done)
 
+    def forget(self, stage: str) -> None:
+        if self.done.pop(stage, None) is not None:
+            write_json(self.path, self.done)
 
-def train(config: TrainConfig, progress: bool = True) -> list[dict[str, Any]]:
-    """Run (or resume) the loop; return the per-iteration metrics rows (also in metrics.jsonl)."""
+
+def train(config: TrainConfig, progress: bool = True, overwrite: bool = False) -> list[dict[str, Any]]:
+    """Run (or resume) the loop; return the per-iteration metrics rows (also in metrics.jsonl).
+
+    Before anything runs, every stage's recorded fingerprint is checked against this config
+    (`stage_plan`): results made under other settings raise ResumeError naming them, or with
+    `overwrite` are discarded and redone (matching stages are kept). Only then is config.yaml written.
+    """
     from autocode4math.benchmarks import load_problems
 
     policy = resolve_model(config.model)  # a checkpoint the M-step trains, whatever serves its rollouts
     problems = load_problems(config.queries, split="train", limit=config.queries_limit, **config.fields.as_kwargs())
     run = Path(config.out)
-    run.mkdir(parents=True, exist_ok=True)
-    save_config(config, run / "config.yaml")
+    plan = stage_plan(config, run, problems)
     state = RunState(run)
+    for key, stage in plan.items():  # stages not started yet record theirs when they start
+        if overwrite and mismatch(stage) is not None:
+            state.forget(key)  # first, so a kill now leaves the stage to be redone
+        if stage.directory.exists():
+            guard(stage, overwrite)
+    save_config(config, run / "config.yaml")
     spent = {"tokens": 0, "train_tokens": 0}
+    rows = []
     with open_engines(config.fleet, config.estep.backend, backend_options(config.estep), config.sandbox) as engines:
-        rows = [_evaluate_stage(state, run / "iter-00" / "eval", engines.rollouts(policy), config, 0, spent, progress)]
+        if "0/eval" in plan:
+            rows.append(_evaluate_stage(state, plan["0/eval"], engines.rollouts(policy), config, 0, spent, progress))
         for it in range(1, config.iterations + 1):
-            d = run / f"iter-{it:02d}"
             collected = state.get(f"{it}/collect")
             if collected is None:
-                collected = collect(config, engines.rollouts(policy), problems, d / "collect", it, progress)
+                collected = collect(config, engines.rollouts(policy), problems, plan[f"{it}/collect"], it, progress)
                 state.finish(f"{it}/collect", collected)
             spent = {k: spent[k] + collected[k] for k in spent}
             model = state.get(f"{it}/mstep")
             if model is None:
                 engines.release()  # the M-step may need the accelerators the engines hold
-                model = _update(config, policy, collected["data"], it, d / "mstep", progress)
+                model = _update(config, policy, collected["data"], it, plan[f"{it}/mstep"], progress)
                 state.finish(f"{it}/mstep", model)
             policy = model
-            last = it == config.iterations
-            if config.eval.every and (it % config.eval.every == 0 or last):
-                rows.append(_evaluate_stage(state, d / "eval", engines.rollouts(policy), config, it, spent, progress))
-    write_jsonl(run / "metrics.jsonl", [r for r in rows if r is not None])
+            if f"{it}/eval" in plan:
+                stage = plan[f"{it}/eval"]
+                rows.append(_evaluate_stage(state, stage, engines.rollouts(policy), config, it, spent, progress))
+    write_jsonl(run / "metrics.jsonl", rows)
     write_json(run / "final.json", {"model": policy, "iterations": config.iterations, **spent})
-    return [r for r in rows if r is not None]
+    return rows
 
 
-def _update(config: TrainConfig, policy: str, data: str, it: int, out: Path, progress: bool) -> str:
+def stage_plan(config: TrainConfig, run: Path, problems: list[Any]) -> dict[str, Stage]:
+    """Every stage of the run ("0/eval", "1/collect", "1/mstep", "1/eval", ...) with its fingerprint.
+
+    Settings are named as in TrainConfig (`estep.k`, `mstep.lr`), so a refusal names what to `--set`.
+    The model a stage starts from is the starting checkpoint by content, then `iter-NN/mstep#digest`:
+    the fingerprint of the M-step that produced it, which covers its data and its own starting model.
+    """
+    model = model_identity(resolve_model(config.model))
+    queries = problems_digest(problems)
+    plan = {"0/eval": _eval_stage(config, run / "iter-00" / "eval", model)} if config.eval.every else {}
+    for it in range(1, config.iterations + 1):
+        d = run / f"iter-{it:02d}"
+        collect = Stage(
+            d / "collect",
+            f"{config.method} collection",
+            {"method": config.method, "iteration": it, **_collect_settings(config), "queries": queries, "model": model},
+            COLLECT_OUTPUTS,
+        )
+        mstep = mstep_stage(
+            d / "mstep",
+            {
+                "method": config.method,
+                "iteration": it,
+                **settings_of(config.mstep, "mstep.", MSTEP_NEUTRAL),
+                "model": model,
+                "data": f"iter-{it:02d}/collect#{collect.digest}",
+            },
+        )
+        plan[f"{it}/collect"], plan[f"{it}/mstep"] = collect, mstep
+        model = f"iter-{it:02d}/mstep#{mstep.digest}"
+        if config.eval.every and (it % config.eval.every == 0 or it == config.iterations):
+            plan[f"{it}/eval"] = _eval_stage(config, d / "eval", model)
+    return plan
+
+
+RL_USES = ("rollout", "prompt", "backend", "adv_eps")
+"""EStepConfig fields the rl method's collection uses."""
+
+
+def _collect_settings(config: TrainConfig) -> dict[str, Any]:
+    """The settings a method's data collection depends on (besides iteration, queries and model)."""
+    if config.method == "em":  # the run's engines use the top-level sandbox, not estep.sandbox
+        return {**settings_of(config.estep, "estep.", (*ESTEP_NEUTRAL, "sandbox")), **_sandbox_limits(config)}
+    if config.method == "rl":
+        unused = [f.name for f in dataclasses.fields(EStepConfig) if f.name not in RL_USES]
+        estep = settings_of(config.estep, "estep.", [*unused, *ESTEP_NEUTRAL])
+        return {"rl_samples": config.rl_samples, **estep, **_sandbox_limits(config)}
+    data = file_digest(config.sft_data) if config.sft_data else "toy sft corpus"
+    return {"sft_data": data, "sft_per_iteration": config.sft_per_iteration}
+
+
+def _sandbox_limits(config: TrainConfig) -> dict[str, Any]:
+    """The run's sandbox settings that can change what a code block returns (`sandbox.timeout_s`, ...)."""
+    return {k: v for k, v in settings_of(config, leave_out=SANDBOX_PLACEMENT).items() if k.startswith("sandbox.")}
+
+
+def _eval_stage(config: TrainConfig, directory: Path, model: str) -> Stage:
+    settings = {
+        **settings_of(config.eval, "eval.", ("batch_size", "every")),
+        "estep.backend": config.estep.backend,
+        **settings_of(config.estep.prompt, "estep.prompt."),
+        **_sandbox_limits(config),
+        "model": model,
+    }
+    return Stage(directory, "evaluation", settings, EVAL_OUTPUTS)
+
+
+def _update(config: TrainConfig, policy: str, data: str, it: int, stage: Stage, progress: bool) -> str:
     """The M-step of iteration `it`: in this process, or under accelerate launch with the configured preset."""
-    mstep_config = _mstep_config(config, it)
+    mstep_config, out, fingerprint = _mstep_config(config, it), stage.directory, stage.settings
+    guard(stage)  # before a launched child writes its files there
     if config.launch.preset:
-        return str(launch_mstep(policy, data, mstep_config, out, config.launch, progress=progress))
-    return str(run_mstep(policy, data, mstep_config, out, progress=progress))
+        return str(launch_mstep(policy, data, mstep_config, out, config.launch, progress, fingerprint))
+    return str(run_mstep(policy, data, mstep_config, out, progress=progress, fingerprint=fingerprint))
 
 
 def _mstep_config(config: TrainConfig, iteration: int) -> MStepConfig:
@@ -197,15 +300,20 @@ def _mstep_config(config: TrainConfig, iteration: int) -> MStepConfig:
     return dataclasses.replace(config.mstep, **changes)
 
 
-def collect(config: TrainConfig, rollouts: Rollouts, problems: list[Any], out: Path, it: int, progress: bool) -> dict:
-    """Build one iteration's training data with the current policy's `rollouts`.
+def collect(
+    config: TrainConfig, rollouts: Rollouts, problems: list[Any], stage: Stage, it: int, progress: bool
+) -> dict:
+    """Build one iteration's training data with the current policy's `rollouts` in the stage's directory.
 
     Returns {data: path, tokens: generated, train_tokens: trained}.
     """
-    out.mkdir(parents=True, exist_ok=True)
+    out = stage.directory
+    guard(stage)
     if config.method == "em":
         estep = dataclasses.replace(config.estep, seed=config.estep.seed + it)
-        summary = run_estep(rollouts, problems, estep, out, progress=progress)
+        summary = run_estep(
+            rollouts, problems, estep, out, progress=progress, fingerprint=stage.settings, health=config.health
+        )
         data = out / "train.jsonl"
         return {"data": str(data), "tokens": summary["generated_tokens"], "train_tokens": _train_tokens(data)}
     if config.method == "rl":
@@ -220,7 +328,7 @@ def collect_on_policy(
     from autocode4math.rollout import RolloutStats, make_requests
 
     path = out / "rollouts.jsonl"
-    done = {record_key(r): r for r in read_done(path)}
+    done = reusable_records(path, record_key)
     requests = make_requests(problems, ["auto"], config.rl_samples, config.estep.prompt)
     todo = [r for r in requests if _request_key(r) not in done]
     stats = RolloutStats()
@@ -235,6 +343,7 @@ def collect_on_policy(
             prompt = config.estep.prompt
             rollouts.run(todo, rollout, on_record=keep, prompt_config=prompt, progress=progress, stats=stats)
     records = [done[_request_key(r)] for r in requests]
+    tools = check(records, config.health, f"the rl collection in {out}")
     code_prefix = config.estep.prompt.code_prefix
     adv = advantages(records, config.estep.adv_eps)
     train = []
@@ -246,6 +355,7 @@ def collect_on_policy(
     write_jsonl(data, train)
     tokens = sum(int(r["n_generated_tokens"]) for r in records)
     summary = {"n_rollouts": len(records), "generated_tokens": tokens, "tokens_from": tokens_from_counts(records)}
+    summary["tools"] = tools
     write_json(out / "summary.json", {**summary, "rollout": stats.to_dict() if stats.trajectories else None})
     return {"data": str(data), "tokens": tokens, "train_tokens": _train_tokens(data)}
 
@@ -300,13 +410,12 @@ def _request_key(request: Any) -> str:
 
 
 def _evaluate_stage(
-    state: RunState, out: Path, rollouts: Rollouts, config: TrainConfig, it: int, spent: dict, progress: bool
-) -> dict[str, Any] | None:
+    state: RunState, stage: Stage, rollouts: Rollouts, config: TrainConfig, it: int, spent: dict, progress: bool
+) -> dict[str, Any]:
     """Evaluate the policy of `rollouts` on the dev set (resumable) and return this iteration's metrics row."""
     from autocode4math.evaluate import EvalConfig, run_eval
 
-    if not config.eval.every:
-        return None
+    out = stage.directory
     row = state.get(f"{it}/eval")
     if row is None:
         policy = rollouts.policy
@@ -324,8 +433,9 @@ def _evaluate_stage(
             server=config.estep.server,
             prompt=config.estep.prompt,
             sandbox=config.sandbox,
+            health=config.health,
         )
-        metrics = run_eval(ev, rollouts=rollouts, progress=progress)
+        metrics = run_eval(ev, rollouts=rollouts, progress=progress, fingerprint=stage.settings)
         row = {"iteration": it, "method": config.method, "model": policy, **spent, **flatten_metrics(metrics)}
         state.finish(f"{it}/eval", row)
     return row

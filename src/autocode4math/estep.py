@@ -32,7 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from autocode4math.io import JsonlAppender, read_done, write_json, write_jsonl
+from autocode4math.fingerprint import SANDBOX_PLACEMENT, Stage, guard, model_identity, problems_digest, settings_of
+from autocode4math.health import HealthConfig, check, reusable_records
+from autocode4math.io import JsonlAppender, write_json, write_jsonl
 from autocode4math.prompts import CODE_PREFIX, PromptConfig
 from autocode4math.rollout.engine import RolloutConfig, RolloutRequest, encode
 from autocode4math.rollout.openai import ServerConfig
@@ -303,7 +305,7 @@ def _key_of(record: dict[str, Any]) -> tuple:
 
 def _run_missing(rollouts, requests, config, path: Path, partials, progress: bool, stats) -> list[dict[str, Any]]:
     """Run the requests whose records are not yet in `path`; return all records of `requests`."""
-    done = {_key_of(r): r for r in read_done(path)}
+    done = reusable_records(path, _key_of)
     todo = [r for r in requests if r.key() not in done]
     if todo:
         with JsonlAppender(path) as out:
@@ -317,6 +319,27 @@ def _run_missing(rollouts, requests, config, path: Path, partials, progress: boo
             rollouts.run(todo, config.rollout, on_record=keep, prompt_config=config.prompt, progress=progress,
                          stats=stats)  # fmt: skip
     return [done[r.key()] for r in requests if r.key() in done]
+
+
+NOT_IN_FINGERPRINT = ("batch_size", "rollout.max_active", *SANDBOX_PLACEMENT)
+"""EStepConfig fields that cannot change the E-step's output (batching; where and how the sandbox runs)."""
+OUTPUTS = ("rollouts.jsonl", "train.jsonl", "audit.jsonl", "summary.json", "estep_config.yaml", "*.tmp")
+"""What the E-step (and the baselines' data collection) writes in its directory."""
+
+
+def fingerprint_settings(model: Any, problems: Sequence[Any], config: EStepConfig) -> dict[str, Any]:
+    """What determines a standalone E-step's output: its config, the queries and the model, by content.
+
+    The model is a checkpoint path, or the rollouts of a fleet (by their policy's path); a ready
+    Backend object (tests, custom servers) is identified by its class name only.
+    """
+    policy = model if isinstance(model, (str, Path)) else getattr(model, "policy", None)
+    identity = model_identity(str(policy)) if policy else f"backend:{type(model).__name__}"
+    return {
+        **settings_of(config, leave_out=NOT_IN_FINGERPRINT),
+        "queries": problems_digest(problems),
+        "model": identity,
+    }
 
 
 def backend_options(config: EStepConfig) -> dict[str, Any]:
@@ -335,13 +358,20 @@ def run_estep(
     sandbox: Any = None,
     grader: Callable | None = None,
     progress: bool = True,
+    overwrite: bool = False,
+    fingerprint: dict[str, Any] | None = None,
+    health: HealthConfig | None = None,
 ) -> dict[str, Any]:
     """Roll out, value and subsample; write rollouts.jsonl, train.jsonl, audit.jsonl, summary.json under out_dir.
 
     `model` is a checkpoint path (loaded here with `config.backend`), a ready rollout Backend, or the
     rollouts of a fleet (`fleet.Rollouts`: anything with `run` and `tokenizer`); `queries` a list of
     Problems or a `benchmarks.load_problems` source. Rollouts are appended as they finish,
-    so running again after an interruption only generates what is missing. Returns the summary.
+    so running again after an interruption only generates what is missing. Rollouts made under
+    another fingerprint (`fingerprint_settings`, or `fingerprint` from a caller that knows its inputs'
+    identities) raise ResumeError, or are discarded with `overwrite`. The summary counts code calls and
+    grading by status; with `health`, a tool-health alarm raises ToolHealthError once the rollouts are
+    written (a rerun redoes the failed ones). Returns the summary.
     """
     from autocode4math.benchmarks import load_problems
     from autocode4math.config import save_config
@@ -351,7 +381,7 @@ def run_estep(
     if not problems:
         raise ValueError("run_estep: no queries")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    guard(Stage(out, "E-step", fingerprint or fingerprint_settings(model, problems, config), OUTPUTS), overwrite)
     save_config(config, out / "estep_config.yaml")
     own_sandbox = sandbox is None and not (hasattr(model, "run") and hasattr(model, "tokenizer"))
     sandbox = open_sandbox(config.sandbox) if own_sandbox else sandbox
@@ -367,13 +397,14 @@ def run_estep(
     finally:
         if own_sandbox:
             sandbox.close()
+    tools = check(records, health or HealthConfig(check=False), f"the E-step in {out}")
     train, audit = subsample(records, config)
     code_text = config.prompt.code_prefix + "\n"
     for row in train:
         add_decision_tokens(row, rollouts.tokenizer, code_text, config.prompt.code_prefix)
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "audit.jsonl", audit)
-    summary = {**_summary(records, train), "rollout": stats.to_dict() if stats.trajectories else None}
+    summary = {**_summary(records, train), "tools": tools, "rollout": stats.to_dict() if stats.trajectories else None}
     write_json(out / "summary.json", summary)
     return summary
 

@@ -18,7 +18,8 @@ temperature 0.6; `n` and `temperature` override both when given.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+import json
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,9 +35,11 @@ from autocode4math.analysis import (
     plot_pareto,
 )
 from autocode4math.benchmarks import FieldNames
-from autocode4math.config import save_config, to_dict
+from autocode4math.config import save_config
+from autocode4math.fingerprint import SANDBOX_PLACEMENT, ResumeError, Stage, guard, model_identity, settings_of
 from autocode4math.fleet import FleetConfig, as_rollouts, open_engines
-from autocode4math.io import DataError, JsonlAppender, read_done, write_json
+from autocode4math.health import HealthConfig, alarms, check, reusable_records, tool_counts
+from autocode4math.io import DataError, JsonlAppender, read_done, write_json, write_jsonl
 from autocode4math.prompts import MODES, PromptConfig
 from autocode4math.rollout import (
     BACKENDS,
@@ -102,6 +105,8 @@ class EvalConfig:
     """Where the rollouts run: this process (workers=1) or a Ray fleet (`--workers N`, fleet.address)."""
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     """Where and under which limits model code runs (e.g. `--set sandbox.url=http://host:8100`, `sandbox.timeout_s`)."""
+    health: HealthConfig = field(default_factory=HealthConfig)
+    """Tool-health alarms: stop (after writing the outputs) when the sandbox or grader broke."""
 
     def __post_init__(self) -> None:
         self.group_by, self.benchmarks, self.modes = map(_comma_list, (self.group_by, self.benchmarks, self.modes))
@@ -144,45 +149,51 @@ def backend_options(config: EvalConfig) -> dict[str, Any]:
 
 
 @contextmanager
-def _rollouts(config: EvalConfig, backend: Any, sandbox: Any, rollouts: Any) -> Iterator[Any]:
-    """The rollouts given, a given backend (and sandbox) run here, or the engines `config.fleet` describes."""
-    if rollouts is not None or backend is not None or sandbox is not None:
-        yield rollouts or as_rollouts(backend or config.model, config.backend, backend_options(config), sandbox)
+def _rollouts(config: EvalConfig, backend: Any, sandbox: Any, grader: Any, rollouts: Any) -> Iterator[Any]:
+    """The rollouts given, a given backend (and sandbox, grader) run here, or the engines `config.fleet` describes."""
+    if rollouts is not None or backend is not None or sandbox is not None or grader is not None:
+        options = backend_options(config)
+        yield rollouts or as_rollouts(backend or config.model, config.backend, options, sandbox, grader)
         return
     with open_engines(config.fleet, config.backend, backend_options(config), config.sandbox) as engines:
         yield engines.rollouts(config.model)
 
 
-RESUMABLE_CHANGES = (
-    "benchmarks",
-    "benchmark_files",
-    "modes",
-    "limit",
+NOT_IN_FINGERPRINT = (
     "out",
     "batch_size",
     "max_active",
     "server",
-    "backend",
     "group_by",
+    "benchmarks",
+    "benchmark_files",
+    "modes",
+    "limit",
+    "health",
     "fleet",
-    "sandbox",
+    *SANDBOX_PLACEMENT,
 )
-"""Fields that may differ when resuming; any other change would mix samples of two settings."""
+"""EvalConfig fields left out of the fingerprint: they cannot change a sample (output place, batching,
+serving, where the sandbox runs; its limits do count) or only choose which samples are wanted
+(samples are kept per benchmark/mode/id/sample, and a reused sample must have the question and
+answer the benchmark has now)."""
+OUTPUTS = ("samples.jsonl", "metrics.json", "report.md", "plots", "config.yaml", "*.tmp")
+"""What an evaluation writes in its directory."""
 
 
-def _check_resume(config: EvalConfig, out: Path) -> None:
-    import yaml
+def fingerprint_settings(config: EvalConfig) -> dict[str, Any]:
+    """What determines an evaluation's samples: its sampling and prompt settings and the model, by content."""
+    return {**settings_of(config, leave_out=NOT_IN_FINGERPRINT), "model": model_identity(config.model)}
 
-    saved_path = out / "config.yaml"
-    if not saved_path.exists() or not (out / "samples.jsonl").exists():
-        return
-    saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
-    now = to_dict(config)
-    changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
-    if changed:
-        raise ValueError(
-            f"{out} holds samples from a run with different {changed}; use another --out or the same settings"
-        )
+
+def _changed_questions(done: dict[tuple, dict[str, Any]], groups: dict[str, list[Any]]) -> list[tuple]:
+    """Keys of finished samples whose question or gold answer differ from the benchmark's current ones."""
+    current = {(b, str(p.id)): (p.question, json.loads(json.dumps(p.answer))) for b, ps in groups.items() for p in ps}
+    return [
+        k
+        for k, r in done.items()
+        if current.get((k[0], k[2]), (r["question"], r["answer"])) != (r["question"], r["answer"])
+    ]
 
 
 def _key(record: dict[str, Any]) -> tuple[str, str, str, int]:
@@ -190,23 +201,34 @@ def _key(record: dict[str, Any]) -> tuple[str, str, str, int]:
 
 
 def run_eval(
-    config: EvalConfig, *, backend: Any = None, sandbox: Any = None, rollouts: Any = None, progress: bool = True
+    config: EvalConfig,
+    *,
+    backend: Any = None,
+    sandbox: Any = None,
+    rollouts: Any = None,
+    progress: bool = True,
+    overwrite: bool = False,
+    fingerprint: dict[str, Any] | None = None,
+    grader: Callable | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the evaluation; write samples, metrics, report and plots; return the metrics.
 
     Trajectories run on `rollouts` when given (e.g. a training run's fleet), else on `backend` (and
-    `sandbox`) in this process, else on the engines `config.fleet` describes. The model (when this
-    function loads it) and the benchmarks are checked before anything is written.
+    `sandbox`, `grader`) in this process, else on the engines `config.fleet` describes. The model (when
+    this function loads it) and the benchmarks are checked before anything is written.
+    Samples made under another fingerprint (`fingerprint_settings`, or `fingerprint` when the caller
+    knows the model's identity) or for a question that has changed raise ResumeError, or are
+    discarded with `overwrite`. A tool-health alarm (`config.health`) raises ToolHealthError after
+    the outputs are written.
     """
     if backend is None and rollouts is None:
         config = dataclasses.replace(config, model=resolve_model(config.model, config.backend))
     groups = _load(config)
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_resume(config, out)
-    save_config(config, out / "config.yaml")
+    guard(Stage(out, "evaluation", fingerprint or fingerprint_settings(config), OUTPUTS), overwrite)
     samples = out / "samples.jsonl"
-    done = {_key(r) for r in read_done(samples)}
+    done = _reusable(samples, groups, overwrite)
+    save_config(config, out / "config.yaml")
     plan: list[tuple[str, RolloutConfig, list[RolloutRequest]]] = []
     wanted: set[tuple[str, str, str, int]] = set()
     for bench, problems in groups.items():
@@ -224,7 +246,7 @@ def run_eval(
         plan.append((bench, rollout, [r for r in requests if r.key() not in done]))
     stats = RolloutStats()
     if any(todo for _, _, todo in plan):
-        with _rollouts(config, backend, sandbox, rollouts) as runner, JsonlAppender(samples) as appender:
+        with _rollouts(config, backend, sandbox, grader, rollouts) as runner, JsonlAppender(samples) as appender:
             for _, rollout, todo in plan:
                 if todo:
                     runner.run(todo, rollout, on_record=appender.write, prompt_config=config.prompt, progress=progress,
@@ -232,7 +254,27 @@ def run_eval(
     records = [r for r in read_done(samples) if _key(r) in wanted]
     labels = group_labels(groups, config.group_by)
     sampling = {b: sampling_for(b, config) for b in groups}
-    return write_outputs(records, config, out, sampling, labels, stats if stats.trajectories else None)
+    metrics = write_outputs(records, config, out, sampling, labels, stats if stats.trajectories else None)
+    check(records, config.health, f"the evaluation in {out}")  # after the outputs, which show the counts
+    return metrics
+
+
+def _reusable(samples: Path, groups: dict[str, list[Any]], overwrite: bool) -> set[tuple]:
+    """Keys of the finished samples in `samples` (those whose tools failed are redone); samples of changed
+    questions refuse (or, with overwrite, go)."""
+    done = reusable_records(samples, _key)
+    changed = _changed_questions(done, groups)
+    if changed and not overwrite:
+        bench, _, qid, _ = changed[0]
+        raise ResumeError(
+            f"{samples} holds {len(changed)} samples whose question or answer differ from {bench}'s now (e.g. id "
+            f"{qid}): the benchmark changed. Start fresh: another --out, or --overwrite (discards those samples)"
+        )
+    for key in changed:
+        del done[key]
+    if changed:
+        write_jsonl(samples, done.values())
+    return set(done)
 
 
 def group_labels(groups: dict[str, list[Any]], keys: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -262,6 +304,7 @@ def write_outputs(
     metrics = {
         "model": config.model,
         "ci_method": CI_METHOD,
+        "tools": {**tool_counts(records), "alarms": alarms(records, config.health)},
         "sampling": {b: {"n": n, "temperature": t} for b, (n, t) in sampling.items()},
         "benchmarks": benchmarks,
         "breakdown": {
@@ -307,6 +350,19 @@ def _rows(m: dict[str, Any]) -> list[list[str]]:
 HEADER = ["mode", "n", "acc %", "95% CI", "code %", "calls", "sandbox s", "err %", "tokens"]
 
 
+def tool_lines(m: dict[str, Any]) -> list[str]:
+    """One line per mode: code calls and gradings by status (zero counts left out, failures always shown)."""
+
+    def shown(counts: dict[str, int], always: tuple[str, ...]) -> str:
+        return ", ".join(f"{k} {v}" for k, v in counts.items() if v or k in always) or "none"
+
+    return [
+        f"- tools, {mode}: code calls {shown(v['code_calls'], ('sandbox_error',))}; "
+        f"grading {shown(v['grading'], ('timeout', 'error'))}"
+        for mode, v in m["modes"].items()
+    ]
+
+
 def _summary(m: dict[str, Any]) -> str:
     parts = []
     if m.get("union") is not None:
@@ -323,11 +379,14 @@ def _summary(m: dict[str, Any]) -> str:
 def render_report(metrics: dict[str, Any]) -> str:
     """The Markdown report: one table per benchmark, the analysis line, the plot, the definitions."""
     lines = [f"# Evaluation of `{metrics['model']}`", ""]
+    for alarm in metrics.get("tools", {}).get("alarms", []):
+        lines += [f"**Tool health alarm**: {alarm}", ""]
     for bench, m in metrics["benchmarks"].items():
         s = metrics["sampling"].get(bench, {})
         lines += [f"## {bench}", "", f"n = {s.get('n')}, temperature = {s.get('temperature')}", ""]
         lines += ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
         lines += ["| " + " | ".join(row) + " |" for row in _rows(m)]
+        lines += ["", *tool_lines(m)]
         summary = _summary(m)
         lines += ["", summary, ""] if summary else [""]
         lines += [f"![{bench}](plots/{bench}.png)", ""]
@@ -349,6 +408,8 @@ def render_report(metrics: dict[str, Any]) -> str:
         " no other mode or model is at least as accurate for at most the same tokens (or code calls).",
         "- Backend occupancy: time-weighted mean of generation requests in flight, over the trajectories allowed in"
         " flight (max_active).",
+        "- tools: executed code blocks by sandbox status (sandbox_error: the sandbox itself failed, not the code) and"
+        " samples by grading status (timeout or error: the grader failed; such a sample counts as wrong).",
         "- Union bound: mean over questions of max(cot solve rate, code solve rate).",
         "- Selection accuracy: over auto samples of questions where cot and code solve rates differ, the share"
         " whose use of code matches the better mode; tied questions are excluded.",

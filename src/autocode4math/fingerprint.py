@@ -34,17 +34,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from autocode4math.config import ConfigError
 from autocode4math.io import read_json, write_json
 
 FILE = "fingerprint.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 """Files of a checkpoint directory whose content `model_identity` hashes (besides config.json)."""
+SANDBOX_PLACEMENT = tuple(
+    f"sandbox.{name}" for name in ("workers", "prefork", "url", "namespaces", "landlock", "start_timeout_s")
+)
+"""Sandbox settings that say where and how isolated code runs, not what a block returns (its limits do count)."""
 SHOWN = 8
 """Differing settings named in a ResumeError message before "and N more"."""
 
 
-class ResumeError(ValueError):
-    """A stage's directory holds results made under other settings (or unverifiable ones)."""
+class ResumeError(ConfigError):
+    """A stage's directory holds results made under other settings (or unverifiable ones): a usage error."""
 
 
 def settings_of(config: Any, prefix: str = "", leave_out: Iterable[str] = ()) -> dict[str, Any]:
@@ -92,7 +97,7 @@ def model_identity(model: str | Path) -> str:
     """What a model is: a checkpoint directory by the content of its config.json and weight files
     (reading them takes a few seconds per ten GB); a hub id or served model name by its name."""
     path = Path(model)
-    if not path.is_dir():
+    if not str(model) or not path.is_dir():
         return f"name:{model}"
     h = hashlib.sha256()
     for p in sorted(path.rglob("*")):

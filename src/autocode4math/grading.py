@@ -18,7 +18,10 @@ It builds on math-verify (sympy-based equivalence) and puts adapters on both sid
   semicolons, "and"/"or", and the parts must match the gold parts one to one, in any order.
 - Everything else goes to math-verify with its unit stripping off and its own signal-based timeouts off:
   those only work in a main thread. `GradingPool` grades in worker processes instead and kills a worker
-  that exceeds the hard per-item timeout; such an item is wrong with `timed_out=True`.
+  that exceeds the hard per-item timeout.
+- A grader failure is never silently "wrong": each Grade carries a `status`, `ok`, `timeout` (the
+  hard timeout passed) or `error` (the grader raised, or its worker died; the message in `error`).
+  Such items are not correct, and callers count and report them (rollout records, summaries, alarms).
 - An equation is not its right-hand side: against a gold without "=", a prediction with "=" counts only
   when its left side is a plain name (`x=5`, `f(x)=2x`); math-verify alone accepts `x-3=0` for 0.
 - GaoKao's set-builder intervals (`\\{x|-2\\leq x<1\\}`) are rewritten as intervals (`[-2,1)`).
@@ -38,7 +41,7 @@ import re
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -49,6 +52,9 @@ LAST_NUMBER_BENCHMARKS = ("gsm8k",)
 """Benchmarks whose convention allows `#### N` and, failing all else, the last number in the text."""
 
 
+GRADE_STATUSES = ("ok", "timeout", "error")
+
+
 @dataclass
 class Grade:
     """The verdict on one response."""
@@ -56,12 +62,22 @@ class Grade:
     pred: str | None
     """The extracted answer, or None when the response gave none."""
     correct: bool
-    """Whether `pred` is equivalent to the gold."""
-    timed_out: bool = False
-    """Grading did not finish within the hard timeout (or its worker died); counted as wrong."""
+    """Whether `pred` is equivalent to the gold (False when grading failed)."""
+    status: str = "ok"
+    """`ok`, `timeout` (did not finish within the hard timeout) or `error` (the grader failed)."""
+    error: str = field(default="", compare=False)
+    """Why grading failed ("" when ok)."""
+
+    @property
+    def timed_out(self) -> bool:
+        return self.status == "timeout"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"pred": self.pred, "correct": self.correct, "timed_out": self.timed_out}
+        return {"pred": self.pred, "correct": self.correct, "grade_status": self.status, "grade_error": self.error}
+
+
+def _failure(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"[:500]
 
 
 # ---------------------------------------------------------------- extraction
@@ -351,8 +367,8 @@ def grade(response: str, gold: Any, benchmark: str | None = None) -> Grade:
         return Grade(None, False)
     try:
         correct = is_equivalent(pred, golds if len(golds) > 1 else golds[0], benchmark)
-    except Exception:  # a grader failure on odd input is a wrong answer, never a crashed batch
-        correct = False
+    except Exception as e:  # a grader failure on odd input is recorded, never a crashed batch
+        return Grade(pred, False, "error", _failure(e))
     return Grade(pred, correct)
 
 
@@ -375,10 +391,9 @@ def _worker_main(conn: Any) -> None:
             return
         for index, pred, gold, benchmark in chunk:
             try:
-                correct = is_equivalent(pred, gold, benchmark)
-            except Exception:
-                correct = False
-            conn.send((index, correct))
+                conn.send((index, is_equivalent(pred, gold, benchmark), ""))
+            except Exception as e:
+                conn.send((index, False, _failure(e)))
 
 
 class _Worker:
@@ -422,8 +437,8 @@ class GradingPool:
     Workers are started with "spawn", so a script that uses the pool needs the usual
     `if __name__ == "__main__":` guard. Workers start on first need and stay up between calls
     (sympy import and math-verify's caches are paid once). A worker that runs past the timeout on an
-    item is killed and replaced; that item is wrong with `timed_out=True` and the rest of its chunk is
-    graded again elsewhere.
+    item is killed and replaced; that item gets status `timeout` (a worker that dies: `error`) and the
+    rest of its chunk is graded again elsewhere.
     """
 
     def __init__(self, workers: int | None = None, chunk_size: int = 8) -> None:
@@ -494,21 +509,25 @@ class GradingPool:
                 if worker.conn in ready:
                     self._collect(worker, grades, by_index, queue)
                 elif time.monotonic() - worker.since > timeout_s:
-                    self._replace(worker, grades, by_index, queue)
+                    self._replace(worker, grades, by_index, queue, "timeout", f"took longer than {timeout_s:g} s")
 
     def _collect(self, worker: _Worker, grades: list, by_index: dict, queue: deque) -> None:
         try:
             while worker.conn.poll():
-                index, correct = worker.conn.recv()
-                grades[index] = Grade(by_index[index][1], correct)
+                index, correct, error = worker.conn.recv()
+                pred = by_index[index][1]
+                grades[index] = Grade(pred, correct, "error", error) if error else Grade(pred, correct)
                 worker.owed.popleft()
                 worker.since = time.monotonic()
         except (EOFError, OSError):  # the worker died (e.g. out of memory): its current item failed
-            self._replace(worker, grades, by_index, queue)
+            worker.process.join(timeout=1)
+            died = f"the grading worker died (exit code {worker.process.exitcode})"
+            self._replace(worker, grades, by_index, queue, "error", died)
 
-    def _replace(self, worker: _Worker, grades: list, by_index: dict, queue: deque) -> None:
+    def _replace(self, worker: _Worker, grades: list, by_index: dict, queue: deque, status: str, why: str) -> None:
+        """Fail the worker's current item with `status`, requeue the rest of its chunk, start a fresh worker."""
         stuck = worker.owed.popleft()
-        grades[stuck] = Grade(by_index[stuck][1], False, timed_out=True)
+        grades[stuck] = Grade(by_index[stuck][1], False, status, why)
         if worker.owed:
             queue.appendleft([by_index[i] for i in worker.owed])
         worker.kill()
@@ -537,7 +556,8 @@ def grade_file(
 ) -> dict[str, Any]:
     """`autocode grade`: rows with `response` and `answer` (and optionally `benchmark`) -> rows plus `pred`, `correct`.
 
-    Output rows keep the input order; `timed_out` is added only where grading ran out of time. Returns a summary.
+    Output rows keep the input order; `grade_status` (and `grade_error`) are added only where grading failed
+    (`timeout` or `error`). Returns a summary.
     """
     from autocode4math.benchmarks import _rows_of_file
     from autocode4math.io import DataError, write_jsonl
@@ -557,7 +577,8 @@ def grade_file(
         raise DataError(f"{located[int(index.group(1))][0]}: {str(e)[index.end() :]}" if index else str(e)) from None
     rows = []
     for (_, row), g in zip(located, grades, strict=True):
-        rows.append({**row, "pred": g.pred, "correct": g.correct, **({"timed_out": True} if g.timed_out else {})})
+        failed = {"grade_status": g.status, "grade_error": g.error} if g.status != "ok" else {}
+        rows.append({**row, "pred": g.pred, "correct": g.correct, **failed})
     write_jsonl(out_path, rows)
     n = len(rows)
     return {
@@ -565,7 +586,8 @@ def grade_file(
         "correct": sum(g.correct for g in grades),
         "accuracy": sum(g.correct for g in grades) / max(n, 1),
         "no_answer": sum(g.pred is None for g in grades),
-        "timed_out": sum(g.timed_out for g in grades),
+        "timed_out": sum(g.status == "timeout" for g in grades),
+        "errors": sum(g.status == "error" for g in grades),
     }
 
 

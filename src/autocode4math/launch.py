@@ -22,10 +22,12 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from autocode4math.config import save_config
+from autocode4math.io import write_json
 from autocode4math.mstep import MStepConfig
 from autocode4math.rollout.server import free_port
 
@@ -69,24 +71,40 @@ class LaunchConfig:
             raise ValueError(f"num_processes must be >= 0, got {self.num_processes}")
 
 
-def launch_command(model: str, data: str, config_file: Path, out: Path, launch: LaunchConfig) -> list[str]:
+def launch_command(
+    model: str, data: str, config_file: Path, out: Path, launch: LaunchConfig, fingerprint_file: Path | None = None
+) -> list[str]:
     """argv of the launched M-step."""
     argv = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(preset_path(launch.preset))]
     argv += ["--main_process_port", str(free_port())]
     if launch.num_processes:
         argv += ["--num_processes", str(launch.num_processes)]
     argv += ["-m", "autocode4math.cli", "mstep", "--model", model, "--data", data, "--out", str(out)]
-    return argv + ["--config", str(config_file)]
+    argv += ["--config", str(config_file)]
+    return argv + (["--fingerprint", str(fingerprint_file)] if fingerprint_file else [])
 
 
 def launch_mstep(
-    model: str, data: str, config: MStepConfig, out: Path, launch: LaunchConfig, progress: bool = True
+    model: str,
+    data: str,
+    config: MStepConfig,
+    out: Path,
+    launch: LaunchConfig,
+    progress: bool = True,
+    fingerprint: dict[str, Any] | None = None,
 ) -> Path:
-    """Run `run_mstep` under accelerate launch; return out/model, or raise LaunchError with the log's tail."""
+    """Run `run_mstep` under accelerate launch; return out/model, or raise LaunchError with the log's tail.
+
+    `fingerprint` (the stage's, from `autocode train`) is handed to the child, which checks it instead
+    of hashing the model and data itself.
+    """
     out.mkdir(parents=True, exist_ok=True)
     config_file = out / "launch_mstep.yaml"
     save_config(config, config_file)
-    argv = launch_command(model, data, config_file, out, launch)
+    fingerprint_file = out / "launch_fingerprint.json" if fingerprint else None
+    if fingerprint_file:
+        write_json(fingerprint_file, fingerprint)
+    argv = launch_command(model, data, config_file, out, launch, fingerprint_file)
     log_path = out / "launch.log"
     with log_path.open("a", encoding="utf-8") as log:
         log.write("$ " + " ".join(argv) + "\n")

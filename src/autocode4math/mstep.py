@@ -578,7 +578,10 @@ def _resume(accelerator: Any, out: Path, metrics_path: Path) -> int:
 
 NOT_IN_FINGERPRINT = ("save_every", "ref_batch_size", "gradient_checkpointing")
 """MStepConfig fields that cannot change the trained model (checkpoint frequency, memory savers)."""
-OUTPUTS = ("model", "state", "metrics.jsonl", "tb", "ref_logps.pt*", "done.json", "mstep_config.yaml", "*.tmp")
+OUTPUTS = (
+    *("model", "state", "metrics.jsonl", "tb", "ref_logps.pt*", "done.json", "mstep_config.yaml", "*.tmp"),
+    *("launch_mstep.yaml", "launch_fingerprint.json", "launch.log"),
+)
 """What the M-step writes in its directory (all discarded by `overwrite`)."""
 
 

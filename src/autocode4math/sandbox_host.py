@@ -19,6 +19,7 @@ import os
 import random
 import stat
 import tempfile
+from collections.abc import Iterator
 
 UID_BASE = 640_000
 """Leased uids are UID_BASE .. UID_BASE + UID_COUNT - 1; no file on the machine is owned by them."""
@@ -133,6 +134,16 @@ class UidLeases:
         os.close(fd)
         return True
 
+    @contextlib.contextmanager
+    def holding(self, uid: int) -> Iterator[bool]:
+        """Hold `uid`'s lock for the duration (True) if nobody holds it, else yield False; for cleaning up after it."""
+        fd = None if uid in self._held else self._try_lock(uid)
+        try:
+            yield fd is not None
+        finally:
+            if fd is not None:
+                os.close(fd)
+
     def release(self, uid: int) -> None:
         fd = self._held.pop(uid, None)
         if fd is not None:
@@ -172,8 +183,10 @@ def sweep_stale_scratch(leases: UidLeases) -> None:
     """Remove scratch trees whose uid nobody holds (left by a killed pool), so nothing stays readable."""
     with contextlib.suppress(OSError), os.scandir(SCRATCH_ROOT) as entries:
         for entry in entries:
-            if entry.name.isdigit() and leases.is_free(int(entry.name)):
-                remove_tree(entry.path)
+            if entry.name.isdigit():
+                with leases.holding(int(entry.name)) as free:  # held, so nobody leases it meanwhile
+                    if free:
+                        remove_tree(entry.path)
 
 
 # ---------------------------------------------------------------- memory cgroups
@@ -224,8 +237,10 @@ class MemoryCgroups:
             return
         with contextlib.suppress(OSError), os.scandir(self.base) as entries:
             for entry in entries:
-                if entry.is_dir() and entry.name.isdigit() and leases.is_free(int(entry.name)):
-                    self.remove(entry.path)
+                if entry.is_dir() and entry.name.isdigit():
+                    with leases.holding(int(entry.name)) as free:
+                        if free:
+                            self.remove(entry.path)
 
 
 def _v1_memory_base() -> str:

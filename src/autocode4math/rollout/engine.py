@@ -25,6 +25,7 @@ Deliberate simplifications:
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import re
 import zlib
@@ -346,6 +347,8 @@ def _record(t: _Trajectory, grade: Any) -> dict[str, Any]:
         "n_generated_tokens": sum(t.mask),
         "pred": grade.pred,
         "correct": bool(grade.correct) and t.finish_reason not in ("length", "error"),
+        "grade_status": getattr(grade, "status", "ok"),
+        "grade_error": getattr(grade, "error", ""),
     }
 
 
@@ -564,34 +567,71 @@ class _AsyncScheduler:
 
 
 def _close_sessions(items: Sequence[tuple[int, _Trajectory]], sandbox: Any) -> None:
+    from autocode4math.sandbox import SandboxError
+
     for _, t in items:
         if t.session is not None:
-            sandbox.close_session(t.session)
+            with contextlib.suppress(SandboxError):  # a broken sandbox has nothing left to close
+                sandbox.close_session(t.session)
             t.session = None
 
 
 def _run_block(sandbox: Any, t: _Trajectory, code: str) -> tuple[str, Any]:
-    """Run one block in the trajectory's session (opened at its first block); (code, result)."""
-    if t.session is None:
-        t.session = sandbox.open_session()
-    return code, sandbox.run(t.session, code)
+    """Run one block in the trajectory's session (opened at its first block); (code, result).
+
+    When the sandbox itself fails (SandboxError) the block's result has status `sandbox_error`."""
+    from autocode4math.sandbox import SandboxError
+
+    try:
+        if t.session is None:
+            t.session = sandbox.open_session()
+        return code, sandbox.run(t.session, code)
+    except SandboxError as e:
+        return code, _sandbox_failure(e)
+
+
+def _sandbox_failure(e: Exception) -> Any:
+    from autocode4math.sandbox import ExecResult
+
+    return ExecResult("sandbox_error", "", f"SandboxError: {e}", 0.0)
 
 
 def _execute_round(run: _Run, active: list[tuple[int, _Trajectory]], codes: list[str | None]) -> None:
     runs = [(t, code) for (_, t), code in zip(active, codes, strict=True) if code is not None]
-    for t, _ in runs:
-        if t.session is None:
-            t.session = run.sandbox.open_session()
-    results = run.sandbox.run_many([(t.session, code) for t, code in runs]) if runs else []
-    run.code_calls += len(runs)
-    for (t, code), result in zip(runs, results, strict=True):
+    for (t, code), result in zip(runs, _run_code(runs, run.sandbox), strict=True):
         _insert_output(t, code, result, run.backend.tokenizer, run.config)
+    run.code_calls += len(runs)
+
+
+def _run_code(runs: list[tuple[_Trajectory, str]], sandbox: Any) -> list[Any]:
+    """Run the round's blocks, opening sessions as needed. When the sandbox itself fails (SandboxError),
+    every block of the round gets status `sandbox_error` (the model sees the failure) instead of a crash."""
+    from autocode4math.sandbox import SandboxError
+
+    if not runs:
+        return []
+    try:
+        for t, _ in runs:
+            if t.session is None:
+                t.session = sandbox.open_session()
+        return sandbox.run_many([(t.session, code) for t, code in runs])
+    except SandboxError as e:
+        return [_sandbox_failure(e)] * len(runs)
+
+
+def _grade(items: list[tuple[str, Any, str | None]], grader: Callable) -> list[Any]:
+    """The grader's verdicts; a grader that raises fails every item with grade status `error`."""
+    from autocode4math.grading import Grade
+
+    try:
+        return grader(items)
+    except Exception as e:  # a broken grader is recorded per record (and stops the run by a health alarm)
+        return [Grade(None, False, "error", f"{type(e).__name__}: {e}"[:500])] * len(items)
 
 
 def _finish(done: list[tuple[int, _Trajectory]], sandbox: Any, grader: Callable) -> list[tuple[int, dict[str, Any]]]:
     _close_sessions(done, sandbox)
     if not done:
         return []
-    items = [(t.response, t.request.problem.answer, t.request.problem.benchmark) for _, t in done]
-    grades = grader(items)
+    grades = _grade([(t.response, t.request.problem.answer, t.request.problem.benchmark) for _, t in done], grader)
     return [(i, _record(t, g)) for (i, t), g in zip(done, grades, strict=True)]
