@@ -96,6 +96,8 @@ def test_preset_errors_name_the_file_and_line(tmp_path, command, text, needles):
         (["estep", *STAGE, "--limit", "-1"], ("--limit must be >= 0",)),
         (["demo", "--set", "methods=em,magic"], ("unknown methods ['magic']",)),
         (["train", "--set", "nonsense=1"], ("unknown field nonsense",)),
+        (["exec", "--timeout", "0"], ("timeout_s must be a positive number", "(given: --timeout)")),
+        (["exec", "--memory-mb", "-5"], ("memory_mb must be a positive integer", "(given: --memory-mb)")),
     ],
 )
 def test_an_out_of_range_option_is_a_one_line_usage_error(args, needles):

@@ -37,7 +37,7 @@ QUESTION_FIELD = typer.Option(None, "--question-field", help="Question field of 
 ANSWER_FIELD = typer.Option(None, "--answer-field", help="Gold answer field of a benchmark file (default: detected).")
 ID_FIELD = typer.Option(None, "--id-field", help="Id field of a benchmark file (default: detected, else row number).")
 OPTION_LABELS = {"fields.question": "--question-field", "fields.answer": "--answer-field", "fields.id": "--id-field",
-                 "launch.preset": "--launch"}  # fmt: skip
+                 "launch.preset": "--launch", "timeout_s": "--timeout"}  # fmt: skip
 """How errors name config fields set by an option whose name is not the field's own."""
 
 
