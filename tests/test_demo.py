@@ -62,6 +62,11 @@ def test_targets_compare_the_measured_numbers():
     assert t["code_rate_reduction"]["met"]  # 0.4 <= 0.7 * 1.0 and auto 0.80 >= code 0.70
     assert not t["em_vs_sft_rl_auto"]["met"]  # 0.80 < 0.81
     assert not targets({"em": {**em, "auto_accuracy": 0.74}})["em_auto_vs_best_mode"]["met"]
+    assert "significant" not in t["em_vs_sft_rl_auto"]  # no interval, no verdict on significance
+    diffs = {"em_vs_sft_rl_auto_diff": {"ci95": [-0.01, 0.1]}, "em_auto_vs_best_mode_diff": {"ci95": [0.02, 0.2]}}
+    with_ci = targets({"em": em, "sft_rl": {"auto_accuracy": 0.75}}, diffs=diffs)
+    assert with_ci["em_vs_sft_rl_auto"]["met"] and not with_ci["em_vs_sft_rl_auto"]["significant"]
+    assert with_ci["em_auto_vs_best_mode"]["significant"]
 
 
 def test_code_rate_phases_reads_unprompted_rollouts(tmp_path):

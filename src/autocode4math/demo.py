@@ -378,6 +378,9 @@ def targets(
             "ci95": _ci(diffs.get("em_vs_sft_rl_auto_diff")),
             "met": em["auto_accuracy"] > test["sft_rl"]["auto_accuracy"],
         }
+    for target in out.values():  # a difference is significant when its 95% interval lies above 0
+        if target["ci95"] is not None and target is not out["selection_accuracy"]:
+            target["significant"] = target["ci95"][0] > 0
     return out
 
 
@@ -505,9 +508,13 @@ def render_report(metrics: dict[str, Any]) -> str:
     lines += ["", "## Targets", ""]
     for name, t in metrics["targets"].items():
         figures = ", ".join(
-            f"{k} {_pct(v) if isinstance(v, float) else v}" for k, v in t.items() if k not in ("met", "ci95")
+            f"{k} {_pct(v) if isinstance(v, float) else v}"
+            for k, v in t.items()
+            if k not in ("met", "ci95", "significant")
         )
         interval = f"; 95% interval [{_pct(t['ci95'][0])}, {_pct(t['ci95'][1])}]" if t.get("ci95") else ""
+        if "significant" in t:
+            interval += "; above 0 at 95%" if t["significant"] else "; the interval reaches 0: not significant at 95%"
         lines.append(f"- {name}: {'met' if t['met'] else 'NOT met'} on the mean ({figures}{interval})")
     if metrics.get("cost"):
         lines += ["", f"## Accuracy versus cost (test split, seed {seeds[0]})", ""]
