@@ -378,9 +378,9 @@ def targets(
             "ci95": _ci(diffs.get("em_vs_sft_rl_auto_diff")),
             "met": em["auto_accuracy"] > test["sft_rl"]["auto_accuracy"],
         }
-    for target in out.values():  # a difference is significant when its 95% interval lies above 0
-        if target["ci95"] is not None and target is not out["selection_accuracy"]:
-            target["significant"] = target["ci95"][0] > 0
+    for name in ("em_auto_vs_best_mode", "em_vs_sft_rl_auto"):  # differences: significant when above 0 at 95%
+        if name in out and out[name]["ci95"] is not None:
+            out[name]["significant"] = out[name]["ci95"][0] > 0
     return out
 
 
