@@ -11,6 +11,8 @@ import gzip
 import json
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -431,3 +433,15 @@ def test_browser_estep_queries(tmp_path, runs, browser):
     page.click(".traj-head")
     assert page.locator(".detail table.estep").count() == 1
     assert errors == []
+
+
+def test_bench_view_times_a_page_made_under_a_relative_out_dir(tmp_path):
+    """`autocode bench view` defaults to a relative --out (runs/bench-view); the browser needs an absolute URI.
+    Its own process: the module's browser fixture holds Playwright's sync API in this one."""
+    pytest.importorskip("playwright.sync_api", reason="playwright is a dev dependency: pip install -e .[dev]")
+    if not (shutil.which("chromium") or shutil.which("chromium-browser")):
+        pytest.skip("no chromium: `make test` installs it with apt-get where it can")
+    cmd = [sys.executable, "-m", "autocode4math.cli", "bench", "view", "--trajectories", "30", "--chars", "200"]
+    result = subprocess.run([*cmd, "--out", "bv"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "bv" / "run" / "samples.jsonl").exists() and "load" in result.stdout

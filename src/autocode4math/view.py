@@ -516,7 +516,7 @@ def _browser_times(path: Path) -> dict[str, Any]:
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
         started = time.perf_counter()
-        page.goto(path.as_uri())
+        page.goto(path.resolve().as_uri())
         page.wait_for_selector("body[data-ready]", timeout=120_000)
         load = time.perf_counter() - started
         timing = page.evaluate("window.viewTiming")
