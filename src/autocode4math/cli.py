@@ -36,6 +36,12 @@ app.add_typer(sandbox_app, name="sandbox")
 QUESTION_FIELD = typer.Option(None, "--question-field", help="Question field of a benchmark file (default: detected).")
 ANSWER_FIELD = typer.Option(None, "--answer-field", help="Gold answer field of a benchmark file (default: detected).")
 ID_FIELD = typer.Option(None, "--id-field", help="Id field of a benchmark file (default: detected, else row number).")
+OVERWRITE = typer.Option(
+    False, "--overwrite", help="Discard results in --out made with other settings and redo them (matching ones stay)."
+)
+IGNORE_TOOL_HEALTH = typer.Option(
+    False, "--ignore-tool-health", help="Record tool-health alarms (sandbox/grader failures) but go on."
+)
 OPTION_LABELS = {"fields.question": "--question-field", "fields.answer": "--answer-field", "fields.id": "--id-field",
                  "launch.preset": "--launch", "timeout_s": "--timeout"}  # fmt: skip
 """How errors name config fields set by an option whose name is not the field's own."""
@@ -266,14 +272,8 @@ def eval_(
     workers: int | None = typer.Option(None, help="Rollout engines; more than 1 runs them as Ray actors (fleet.*)."),
     config: str = typer.Option("", help="YAML file with EvalConfig fields."),
     overrides: list[str] = typer.Option([], "--set", help="Dotted overrides, e.g. --set max_new_tokens=1024."),
-    overwrite: bool = typer.Option(
-        False,
-        "--overwrite",
-        help="Discard results in --out made with other settings and redo them (matching ones stay).",
-    ),
-    ignore_tool_health: bool = typer.Option(
-        False, "--ignore-tool-health", help="Record tool-health alarms (sandbox/grader failures) but go on."
-    ),
+    overwrite: bool = OVERWRITE,
+    ignore_tool_health: bool = IGNORE_TOOL_HEALTH,
 ) -> None:
     """Evaluate a model in auto/cot/code modes: per-sample JSONL, metrics.json, report.md, plots."""
     from autocode4math.evaluate import EvalConfig, run_eval
@@ -383,11 +383,7 @@ def estep(
     id_field: str | None = ID_FIELD,
     config: str = typer.Option("", help="YAML preset with EStepConfig fields."),
     overrides: list[str] = typer.Option([], "--set", help="Dotted overrides, e.g. --set k=8 --set alpha=2."),
-    overwrite: bool = typer.Option(
-        False,
-        "--overwrite",
-        help="Discard results in --out made with other settings and redo them (matching ones stay).",
-    ),
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """E-step: K rollouts per code decision, Q, pi, s*, and the subsampled training set (resumable)."""
     import json
@@ -414,11 +410,7 @@ def mstep(
     out: str = typer.Option(..., help="Output directory: model/, metrics.jsonl, tb/, state/ (resumable)."),
     config: str = typer.Option("", help="YAML preset with MStepConfig fields."),
     overrides: list[str] = typer.Option([], "--set", help="Dotted overrides, e.g. --set lr=1e-5 --set lora_r=16."),
-    overwrite: bool = typer.Option(
-        False,
-        "--overwrite",
-        help="Discard results in --out made with other settings and redo them (matching ones stay).",
-    ),
+    overwrite: bool = OVERWRITE,
     fingerprint: str = typer.Option(
         "", hidden=True, help="JSON file of the stage fingerprint to check (autocode train --launch passes it)."
     ),
@@ -458,14 +450,8 @@ def train_cmd(
     overrides: list[str] = typer.Option(
         [], "--set", help="Dotted overrides, e.g. --set estep.k=8 --set mstep.lr=1e-5 --set fleet.address=auto."
     ),
-    overwrite: bool = typer.Option(
-        False,
-        "--overwrite",
-        help="Discard results in --out made with other settings and redo them (matching ones stay).",
-    ),
-    ignore_tool_health: bool = typer.Option(
-        False, "--ignore-tool-health", help="Record tool-health alarms (sandbox/grader failures) but go on."
-    ),
+    overwrite: bool = OVERWRITE,
+    ignore_tool_health: bool = IGNORE_TOOL_HEALTH,
 ) -> None:
     """The EM loop (or a baseline): collect data, update the policy, evaluate on dev; resumable by stage."""
     from autocode4math.em import TrainConfig, train
@@ -489,11 +475,7 @@ def demo_cmd(
         1, "--seeds", help="Training seeds; more than one also tests on all 600 questions and reports intervals."
     ),
     overrides: list[str] = typer.Option([], "--set", help="Dotted DemoConfig overrides, e.g. --set iterations=3."),
-    overwrite: bool = typer.Option(
-        False,
-        "--overwrite",
-        help="Discard results in --out made with other settings and redo them (matching ones stay).",
-    ),
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """The toy study: EM vs Base+RL, SFT, SFT+RL from the shipped checkpoints; report.md, metrics.json, plots."""
     from autocode4math.demo import run_demo
