@@ -1,8 +1,8 @@
 """The paper's measurements over rollout records: accuracy, code use, the union bound, selection accuracy.
 
 All functions take rollout records (dicts with at least `id`, `benchmark`, `mode`, `sample`,
-`id`, `benchmark`, `mode`, `sample`, `prefix`, `response`, `correct`, `used_code`, `n_code_calls`,
-`code_blocks`, `n_generated_tokens`; `prefix` and `response` also give the code-after-text rate) and are pure.
+`prefix`, `response`, `correct`, `used_code`, `n_code_calls`, `code_blocks`, `n_generated_tokens`;
+`prefix` and `response` also give the code-after-text rate) and are pure.
 
 Definitions (also in docs/rollout.md):
 - accuracy: mean of `correct` over all samples. Its 95% interval is a percentile bootstrap over

@@ -38,7 +38,7 @@ from autocode4math.benchmarks import FieldNames
 from autocode4math.config import save_config
 from autocode4math.fingerprint import SANDBOX_PLACEMENT, ResumeError, Stage, guard, model_identity, settings_of
 from autocode4math.fleet import FleetConfig, as_rollouts, open_engines
-from autocode4math.health import HealthConfig, alarms, check, reusable_records, tool_counts
+from autocode4math.health import HealthConfig, raise_alarms, report, reusable_records
 from autocode4math.io import DataError, JsonlAppender, read_done, write_json, write_jsonl
 from autocode4math.prompts import MODES, PromptConfig
 from autocode4math.rollout import (
@@ -255,7 +255,7 @@ def run_eval(
     labels = group_labels(groups, config.group_by)
     sampling = {b: sampling_for(b, config) for b in groups}
     metrics = write_outputs(records, config, out, sampling, labels, stats if stats.trajectories else None)
-    check(records, config.health, f"the evaluation in {out}")  # after the outputs, which show the counts
+    raise_alarms(metrics["tools"], config.health, f"the evaluation in {out}")  # after the outputs, which show them
     return metrics
 
 
@@ -304,7 +304,7 @@ def write_outputs(
     metrics = {
         "model": config.model,
         "ci_method": CI_METHOD,
-        "tools": {**tool_counts(records), "alarms": alarms(records, config.health)},
+        "tools": report(records, config.health),
         "sampling": {b: {"n": n, "temperature": t} for b, (n, t) in sampling.items()},
         "benchmarks": benchmarks,
         "breakdown": {

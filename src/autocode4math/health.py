@@ -79,7 +79,11 @@ def _example(records: Sequence[dict[str, Any]], failed: Callable[[dict[str, Any]
 
 def alarms(records: Sequence[dict[str, Any]], config: HealthConfig) -> list[str]:
     """The alarms a stage's records raise under `config`, as sentences (empty when the tools look healthy)."""
-    counts, out = tool_counts(records), []
+    return _alarms(records, tool_counts(records), config)
+
+
+def _alarms(records: Sequence[dict[str, Any]], counts: dict[str, Any], config: HealthConfig) -> list[str]:
+    out: list[str] = []
     calls = sum(counts["code_calls"].values())
     broken = counts["code_calls"]["sandbox_error"]
     if calls and broken / calls > config.max_sandbox_failure_rate:
@@ -107,17 +111,28 @@ def alarms(records: Sequence[dict[str, Any]], config: HealthConfig) -> list[str]
     return out
 
 
-def check(records: Sequence[dict[str, Any]], config: HealthConfig, stage: str) -> dict[str, Any]:
-    """Counts of a finished stage plus its alarms; raise ToolHealthError when one fires and `config.check`."""
-    found = alarms(records, config)
-    if found and config.check:
+def report(records: Sequence[dict[str, Any]], config: HealthConfig) -> dict[str, Any]:
+    """Counts of a finished stage (tool_counts) plus its `alarms`, counted once."""
+    counts = tool_counts(records)
+    return {**counts, "alarms": _alarms(records, counts, config)}
+
+
+def raise_alarms(tools: dict[str, Any], config: HealthConfig, stage: str) -> None:
+    """Raise ToolHealthError when a `report` holds alarms and `config.check` is on."""
+    if tools["alarms"] and config.check:
         raise ToolHealthError(
-            f"tool health alarm in {stage}: {'; '.join(found)}. The rollouts written so far stay on disk: after "
-            "the fix, rerun the same command (records whose sandbox or grading failed are redone; a changed "
+            f"tool health alarm in {stage}: {'; '.join(tools['alarms'])}. The rollouts written so far stay on disk: "
+            "after the fix, rerun the same command (records whose sandbox or grading failed are redone; a changed "
             "template or stop string needs --overwrite), or go on anyway with --ignore-tool-health"
             " (--set health.check=false)"
         )
-    return {**tool_counts(records), "alarms": found}
+
+
+def check(records: Sequence[dict[str, Any]], config: HealthConfig, stage: str) -> dict[str, Any]:
+    """`report` of a finished stage; raise ToolHealthError when an alarm fires and `config.check`."""
+    tools = report(records, config)
+    raise_alarms(tools, config, stage)
+    return tools
 
 
 def tool_failed(record: dict[str, Any]) -> bool:
