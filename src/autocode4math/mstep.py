@@ -173,11 +173,7 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     clipped = torch.clamp(ratio, 1 - eps, 1 + eps) * adv
     obj = torch.minimum(ratio * adv, clipped) if clip_form == "ppo" else clipped
-    if ratio_level == "sequence":
-        loss = -obj.mean()
-    else:
-        per_seq = (obj * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-        loss = -per_seq.mean()
+    loss = -obj.mean() if ratio_level == "sequence" else -trajectory_mean(obj, mask)
     with torch.no_grad():
         outside = ((ratio < 1 - eps) | (ratio > 1 + eps)).to(logp.dtype)
         clip_frac = (outside * weight).sum() / weight.sum().clamp(min=1)
@@ -186,10 +182,14 @@ def policy_loss(
     return loss, {"clip_frac": clip_frac, "approx_kl": kl}
 
 
+def trajectory_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over each trajectory's masked tokens, then over trajectories (an empty mask counts 0). [B, T] -> []."""
+    return ((values * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+
+
 def sft_loss(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Negative log-likelihood, mean over each trajectory's masked tokens, then over trajectories. [B, T] -> []."""
-    mask = mask.to(logp.dtype)
-    return -((logp * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    return -trajectory_mean(logp, mask.to(logp.dtype))
 
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -197,8 +197,7 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -
     unbiased, low variance); mean over each trajectory's masked tokens, then over trajectories. [B, T] -> []."""
     mask = mask.to(logp.dtype)
     d = (ref_logp - logp) * mask
-    per_token = torch.exp(d) - d - 1
-    return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    return trajectory_mean(torch.exp(d) - d - 1, mask)
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
