@@ -34,11 +34,12 @@ from typing import Any
 
 from autocode4math.config import ConfigError
 from autocode4math.io import DataError, read_jsonl
+from autocode4math.toyworld import SOURCES as TOY_WORLD
 
 BENCHMARKS = ("gsm8k", "math500", "gaokao2023en", "olympiadbench", "aime24", "amc23")
 DATA_DIR = Path(__file__).parent / "data"
 TOY_SPLITS = ("train", "dev", "test")
-TOY_SOURCES = ("toy", "toy-mid")
+TOY_SOURCES = tuple(TOY_WORLD)
 """The toy world's sources (toyworld.SOURCES): the main families, and the mid-reasoning family on its own."""
 
 QUESTION_FIELDS = ("question", "problem", "prompt", "query", "input")

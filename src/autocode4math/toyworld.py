@@ -370,23 +370,26 @@ SOURCES = {
 changed none of the main splits, checkpoints or figures."""
 
 
+def source_of(name: str) -> Source:
+    """The toy source called `name` (ValueError naming the known ones otherwise)."""
+    if name not in SOURCES:
+        raise ValueError(f"unknown toy source {name!r}; expected one of {sorted(SOURCES)}")
+    return SOURCES[name]
+
+
 def make_split(split: str, exclude: set[str] | None = None, source: str = "toy") -> list[ToyItem]:
     """The problems of a shipped split (fixed size and seed), none of whose questions is in `exclude`."""
-    if source not in SOURCES:
-        raise ValueError(f"unknown toy source {source!r}; expected one of {sorted(SOURCES)}")
-    splits = SOURCES[source].splits
-    if split not in splits:
-        raise ValueError(f"unknown toy split {split!r}; expected one of {sorted(splits)}")
-    size, seed = splits[split]
-    items = stream(seed, exclude, SOURCES[source].families)
+    src = source_of(source)
+    if split not in src.splits:
+        raise ValueError(f"unknown toy split {split!r}; expected one of {sorted(src.splits)}")
+    size, seed = src.splits[split]
+    items = stream(seed, exclude, src.families)
     return [next(items) for _ in range(size)]
 
 
 def write_splits(out_dir: str | Path | None = None, source: str = "toy") -> dict[str, Path]:
     """Write test, dev and train of `source` (in that order, each disjoint from the ones before) as JSONL."""
-    if source not in SOURCES:
-        raise ValueError(f"unknown toy source {source!r}; expected one of {sorted(SOURCES)}")
-    out_dir = Path(out_dir) if out_dir else SOURCES[source].data_dir
+    out_dir = Path(out_dir) if out_dir else source_of(source).data_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     taken: set[str] = set()
     paths = {}
