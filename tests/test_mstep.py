@@ -573,3 +573,82 @@ def test_sft_loss_is_token_mean_nll_per_trajectory_then_mean():
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
     # trajectory 1: (1 + 2) / 2 = 1.5; trajectory 2: 0.5 / 1 = 0.5; mean 1.0 (masked -3 and -9 ignored)
     assert sft_loss(logp, mask).item() == pytest.approx(1.0)
+
+
+# --- the cot anchor and the cot replay (forced-mode options) ---
+
+
+def _with_cot_prompt(tok, record, question):
+    cot = tok(f"Question: {question}\nthink without code\nSolution:\n", add_special_tokens=False)["input_ids"]
+    prefix = tok(CODE_PREFIX + "\n", add_special_tokens=False)["input_ids"]
+    return {**record, "anchor_context_ids": cot, "anchor_ids": prefix}
+
+
+def test_cot_replay_rows_are_the_text_responses_under_the_cot_prompt(tiny, tmp_path):
+    _, tok = tiny
+    text = _with_cot_prompt(tok, make_record(tok, "What is 3 * 7?", "3 * 7 = 21. \\boxed{21}"), "What is 3 * 7?")
+    code = _with_cot_prompt(tok, make_record(tok, "What is 3 * 7?", "x", c=1, code=True, sample=1), "What is 3 * 7?")
+    mid = {**text, "prefix_ids": tok("3 * 7 = 21.\n", add_special_tokens=False)["input_ids"], "sample": 2, "key": "m"}
+    bare = {k: v for k, v in text.items() if not k.startswith("anchor")} | {"key": "bare"}
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in (text, code, mid, bare)))
+    s_text, s_code, s_mid, s_bare = load_samples(path)
+    assert s_code.replay is None and s_mid.replay is None and s_bare.replay is None
+    replay = s_text.replay
+    assert replay.ids == text["anchor_context_ids"] + text["response_ids"]
+    assert replay.start == len(text["anchor_context_ids"]) and replay.mask == s_text.mask
+    assert replay.advantage == s_text.advantage and replay.n_decision == 0 and replay.n_anchor == 0
+
+
+def test_cot_replay_adds_its_weighted_policy_loss_per_batch_sample(tiny_model_dir, tiny, tmp_path):
+    _, tok = tiny
+    model = _fresh(tiny_model_dir)
+    q = "What is 3 * 7?"
+    records = [
+        _with_cot_prompt(tok, make_record(tok, q, "3 * 7 = 21. \\boxed{21}", advantage=0.7), q),
+        _with_cot_prompt(tok, make_record(tok, q, "print(3 * 7)", c=1, code=True, advantage=-0.4, sample=1), q),
+    ]
+    batch = _batch_of(model, records, tmp_path)
+    samples = load_samples(tmp_path / "train.jsonl")
+    rows = [s.replay for s in samples if s.replay is not None]
+    assert len(rows) == 1
+    with torch.no_grad():
+        r = collate(rows, 0)
+        logp = token_logps(model, r["input_ids"], r["attention_mask"])
+    # pi_ref is the model itself: every ratio is 1, so a replayed row's policy loss is -A; the batch holds 2 samples
+    replay = collate(rows, 0, [logp[0, rows[0].start - 1 : rows[0].start - 1 + len(rows[0].mask)].tolist()])
+    with torch.no_grad():
+        off, _ = batch_loss(model, batch, MStepConfig(cot_replay_weight=0.0), replay)
+        on, parts = batch_loss(model, batch, MStepConfig(cot_replay_weight=2.0), replay)
+    assert parts["replay_loss"].item() == pytest.approx(-0.7 / 2, abs=1e-5)
+    assert (on - off).item() == pytest.approx(2.0 * -0.7 / 2, abs=1e-5)
+
+
+def test_cot_anchor_adds_the_c0_decision_term_under_the_cot_prompt(tiny_model_dir, tiny, tmp_path):
+    _, tok = tiny
+    model = _fresh(tiny_model_dir)
+    q = "What is 3 * 7?"
+    records = [_with_cot_prompt(tok, make_record(tok, q, "21", c=c, code=bool(c), sample=c), q) for c in (0, 1)]
+    batch = _batch_of(model, records, tmp_path)
+    with torch.no_grad():
+        off, _ = batch_loss(model, batch, MStepConfig(cot_anchor_weight=0.0))
+        on, parts = batch_loss(model, batch, MStepConfig(cot_anchor_weight=3.0))
+        row = records[0]["anchor_context_ids"] + records[0]["anchor_ids"]
+        logp = token_logps(model, torch.tensor([row]), torch.ones(1, len(row), dtype=torch.long))[0]
+    lp = logp[len(records[0]["anchor_context_ids"]) - 1 :].sum()
+    expected = -torch.log1p(-torch.exp(lp)).item()  # the same for both samples: same question, c = 0 under cot
+    assert parts["anchor_loss"].item() == pytest.approx(expected, rel=1e-4)
+    assert (on - off).item() == pytest.approx(3.0 * expected, rel=1e-4)
+
+
+def test_run_mstep_with_cot_replay_scores_and_trains_the_replayed_rows(tiny_model_dir, tiny, tmp_path):
+    _, tok = tiny
+    data = _write_train(tok, tmp_path / "train.jsonl", n=4)
+    rows = [{**json.loads(line), "advantage": 0.5} for line in data.read_text().splitlines()]
+    data.write_text("".join(json.dumps(_with_cot_prompt(tok, r, r["id"])) + "\n" for r in rows))
+    config = MStepConfig(lr=1e-3, micro_batch_size=2, epochs=1, cot_replay_weight=1.0)
+    run_mstep(tiny_model_dir, data, config, tmp_path / "m", progress=False)
+    stored = torch.load(tmp_path / "m" / "ref_logps_replay.pt", weights_only=True)["logps"]
+    assert len(stored) == sum(r["c"] == 0 for r in rows) == 2
+    metrics = [json.loads(line) for line in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()]
+    assert any(m["replay_loss"] != 0 for m in metrics)

@@ -294,7 +294,7 @@ def _mstep_config(config: TrainConfig, iteration: int) -> MStepConfig:
     """Per-method M-step settings: rl has no decision term, sft the supervised objective; seeds vary by iteration."""
     changes: dict[str, Any] = {"seed": config.mstep.seed + iteration}
     if config.method == "rl":
-        changes["decision_weight"] = changes["cot_anchor_weight"] = 0.0
+        changes["decision_weight"] = changes["cot_anchor_weight"] = changes["cot_replay_weight"] = 0.0
     if config.method == "sft":
         changes["objective"] = "sft"
     return dataclasses.replace(config.mstep, **changes)

@@ -88,6 +88,12 @@ class MStepConfig:
     """Weight of the cot anchor: a c=0 decision term under the cot prompt, -log(1 - p(code prefix | cot
     prompt)), for each sample that carries `anchor_context_ids` (the E-step adds them). The cot instruction
     fixes the decision, so the decision learned on auto prompts must not leak into it (docs/method.md)."""
+    cot_replay_weight: float = 0.0
+    """Weight of the cot replay: every c=0 sample from the start of a question (no forced prefix, no code) is
+    also trained, with its advantage, under the same question's cot prompt (`anchor_context_ids`), against
+    pi_ref in that context. The cot instruction fixes c = 0, so a text trajectory is cot-mode behaviour; the
+    term is added as `cot_replay_weight` x its policy loss, summed over the replayed rows and divided by the
+    batch size (a replayed row weighs what its original does). 0 trains the auto prompt only (the paper)."""
     objective: str = "rl"
     """`rl`: the clipped off-policy objective above; `sft`: the token-mean negative log-likelihood of the
     model-written response tokens (the SFT baseline: advantages unused; ratio statistics still logged)."""
@@ -126,6 +132,7 @@ class MStepConfig:
             "clip_eps": 0 < self.clip_eps < 1,
             "decision_weight": self.decision_weight >= 0,
             "cot_anchor_weight": self.cot_anchor_weight >= 0,
+            "cot_replay_weight": self.cot_replay_weight >= 0,
             "kl_coef": self.kl_coef >= 0,
             "bucket_window": self.bucket_window >= 1,
             "ref_batch_size": self.ref_batch_size >= 1,
@@ -243,6 +250,8 @@ class Sample:
     """Cot prompt + code-prefix tokens of the cot anchor ([] when the record has none)."""
     n_anchor: int = 0
     """Number of code-prefix tokens at the end of `anchor` (0: no anchor term)."""
+    replay: Sample | None = None
+    """The same response under the cot prompt, for the cot replay (None when the sample is not replayed)."""
 
 
 def load_samples(path: str | Path) -> list[Sample]:
@@ -263,25 +272,34 @@ def load_samples(path: str | Path) -> list[Sample]:
         if bool(anchor_ctx) != bool(anchor_ids):
             raise DataError(f"{path}:{n}: anchor_context_ids and anchor_ids must be given together")
         prefix = list(r["prompt_ids"]) + list(r["prefix_ids"])
-        out.append(
-            Sample(
-                ids=prefix + list(r["response_ids"]),
-                start=len(prefix),
-                mask=[int(m) for m in r["response_mask"]],
-                advantage=float(r["advantage"]),
-                c=int(r["c"]),
-                decision=ctx + dec,
-                n_decision=len(dec),
-                anchor=anchor_ctx + anchor_ids,
-                n_anchor=len(anchor_ids),
-                correct=bool(r.get("correct", False)),
-                used_code=bool(r.get("used_code", False)),
-                key=str(r.get("key", n)),
-            )
+        sample = Sample(
+            ids=prefix + list(r["response_ids"]),
+            start=len(prefix),
+            mask=[int(m) for m in r["response_mask"]],
+            advantage=float(r["advantage"]),
+            c=int(r["c"]),
+            decision=ctx + dec,
+            n_decision=len(dec),
+            anchor=anchor_ctx + anchor_ids,
+            n_anchor=len(anchor_ids),
+            correct=bool(r.get("correct", False)),
+            used_code=bool(r.get("used_code", False)),
+            key=str(r.get("key", n)),
         )
+        out.append(replace(sample, replay=cot_replay(sample, anchor_ctx, r)))
     if not out:
         raise DataError(f"{path}: no training records")
     return out
+
+
+def cot_replay(sample: Sample, cot_prompt: list[int], record: dict[str, Any]) -> Sample | None:
+    """`sample`'s response under the cot prompt, when it is cot-mode behaviour: c = 0, from the start of the
+    question (no forced prefix or partial solution) and no code executed; else None."""
+    if not cot_prompt or sample.c != 0 or record["prefix_ids"] or sample.used_code:
+        return None
+    response = sample.ids[sample.start :]
+    return replace(sample, ids=list(cot_prompt) + response, start=len(cot_prompt), decision=[], n_decision=0,
+                   anchor=[], n_anchor=0, key=f"{sample.key}#cot")  # fmt: skip
 
 
 def _pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -339,20 +357,19 @@ def token_logps(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tenso
     return torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
 
 
-def batch_loss(model: Any, batch: dict, config: MStepConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Forward the trajectory rows and the decision rows of a collated batch; return the loss and its parts."""
+def batch_loss(
+    model: Any, batch: dict, config: MStepConfig, replay: dict | None = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward the trajectory rows and the decision rows of a collated batch; return the loss and its parts.
+
+    `replay`: the collated cot-replay rows of the batch's samples that have one (docs/method.md).
+    """
     logp = token_logps(model, batch["input_ids"], batch["attention_mask"])
-    rl, stats = policy_loss(
-        logp,
-        batch["ref_logp"],
-        batch["advantage"],
-        batch["rl_mask"],
-        config.clip_eps,
-        config.clip_form,
-        config.ratio_level,
-    )
-    if config.objective == "sft":
-        rl = sft_loss(logp, batch["rl_mask"])
+    rl, stats = _policy_term(logp, batch, config)
+    replayed = torch.zeros_like(rl)
+    if replay is not None:
+        replay_logp = token_logps(model, replay["input_ids"], replay["attention_mask"])
+        replayed = _policy_term(replay_logp, replay, config)[0] * (len(replay["c"]) / len(batch["c"]))
     dec_logp = token_logps(model, batch["dec_input_ids"], batch["dec_attention_mask"])
     prefix_logp = (dec_logp * batch["dec_mask"]).sum(-1)
     b = len(batch["c"])
@@ -362,8 +379,18 @@ def batch_loss(model: Any, batch: dict, config: MStepConfig) -> tuple[torch.Tens
         anchor = decision_loss(prefix_logp[b:], torch.zeros_like(batch["c"]), batch["has_anchor"])
     kl = kl_penalty(logp, batch["ref_logp"], batch["rl_mask"]) if config.kl_coef else torch.zeros_like(dec)
     loss = rl + config.decision_weight * dec + config.cot_anchor_weight * anchor + config.kl_coef * kl
-    parts = {"rl_loss": rl, "decision_loss": dec, "anchor_loss": anchor, "kl_loss": kl}
+    loss = loss + config.cot_replay_weight * replayed
+    parts = {"rl_loss": rl, "decision_loss": dec, "anchor_loss": anchor, "kl_loss": kl, "replay_loss": replayed}
     return loss, {**{k: v.detach() for k, v in parts.items()}, **stats}
+
+
+def _policy_term(logp: torch.Tensor, batch: dict, config: MStepConfig) -> tuple[torch.Tensor, dict]:
+    """The clipped policy loss of a collated batch (or the SFT loss with objective `sft`), and its stats."""
+    rl, stats = policy_loss(logp, batch["ref_logp"], batch["advantage"], batch["rl_mask"], config.clip_eps,
+                            config.clip_form, config.ratio_level)  # fmt: skip
+    if config.objective == "sft":
+        rl = sft_loss(logp, batch["rl_mask"])
+    return rl, stats
 
 
 def micro_batches(
@@ -531,9 +558,16 @@ def _to(batch: dict, device: Any) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def _replay_batch(samples: list[Sample], idx: list[int], ref: dict[int, list[float]], pad_id: int,
+                  device: Any) -> dict | None:  # fmt: skip
+    """The collated cot-replay rows of the micro-batch `idx` (None when none of its samples has one)."""
+    have = [i for i in idx if samples[i].replay is not None]
+    return _to(collate([samples[i].replay for i in have], pad_id, [ref[i] for i in have]), device) if have else None
+
+
 def _step_metrics(parts: list[dict], samples: list[Sample], accelerator: Any) -> dict[str, float]:
     """Mean of the micro-batches' loss parts and the batch's code rate and accuracy, averaged over processes."""
-    keys = ("loss", "rl_loss", "decision_loss", "anchor_loss", "kl_loss", "clip_frac", "approx_kl")
+    keys = ("loss", "rl_loss", "decision_loss", "anchor_loss", "kl_loss", "replay_loss", "clip_frac", "approx_kl")
     local = [sum(float(p[k]) for p in parts) / len(parts) for k in keys]
     local += [sum(s.used_code for s in samples) / len(samples), sum(s.correct for s in samples) / len(samples)]
     values = accelerator.reduce(torch.tensor(local, device=accelerator.device), reduction="mean").tolist()
@@ -616,7 +650,8 @@ def _resume(accelerator: Any, out: Path, metrics_path: Path) -> int:
 NOT_IN_FINGERPRINT = ("save_every", "ref_batch_size", "gradient_checkpointing")
 """MStepConfig fields that cannot change the trained model (checkpoint frequency, memory savers)."""
 OUTPUTS = (
-    *("model", "state", "metrics.jsonl", "tb", "ref_logps.pt*", "done.json", "mstep_config.yaml", "*.tmp"),
+    *("model", "state", "metrics.jsonl", "tb", "ref_logps.pt*", "ref_logps_replay.pt*", "done.json"),
+    *("mstep_config.yaml", "*.tmp"),
     *("launch_mstep.yaml", "launch_fingerprint.json", "launch.log"),
 )
 """What the M-step writes in its directory (all discarded by `overwrite`)."""
@@ -673,9 +708,17 @@ def run_mstep(
     samples = load_samples(data)
     if not config.cot_anchor_weight:  # no anchor term: skip scoring its rows
         samples = [replace(s, anchor=[], n_anchor=0) for s in samples]
+    if not config.cot_replay_weight:
+        samples = [replace(s, replay=None) for s in samples]
+    replayed = [i for i, s in enumerate(samples) if s.replay is not None]
     net, tokenizer = _load_model(str(model), config)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     ref = load_or_compute_ref(net.to(accelerator.device), samples, pad_id, config, accelerator, out / "ref_logps.pt")
+    ref_replay = {}
+    if replayed:  # pi_ref of the replayed responses under the cot prompt
+        rows = [samples[i].replay for i in replayed]
+        logps = load_or_compute_ref(net, rows, pad_id, config, accelerator, out / "ref_logps_replay.pt")
+        ref_replay = dict(zip(replayed, logps, strict=True))
     net = _adapt(net, config)
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -692,9 +735,10 @@ def run_mstep(
         parts, seen = [], []
         for k, idx in enumerate(chunk):
             batch = _to(collate([samples[i] for i in idx], pad_id, [ref[i] for i in idx]), accelerator.device)
+            replay = _replay_batch(samples, idx, ref_replay, pad_id, accelerator.device)
             sync = contextlib.nullcontext() if k == len(chunk) - 1 else accelerator.no_sync(net)
             with sync:
-                loss, part = batch_loss(net, batch, config)
+                loss, part = batch_loss(net, batch, config, replay)
                 accelerator.backward(loss / len(chunk))
             parts.append({"loss": loss.detach(), **part})
             seen += [samples[i] for i in idx]
