@@ -117,19 +117,27 @@ def test_exec_command_prints_json_last_line():
 
 @pytest.mark.slow
 def test_bench_sandbox_reports_throughput_cpu_and_overheads():
-    from autocode4math.bench import bench_sandbox, sandbox_overheads
+    from autocode4math.bench import bench_sandbox, fork_floor, sandbox_overheads
 
     figures, layers = bench_sandbox(n=3, workers=2)
-    assert set(figures) == {"print", "sympy", "fractions", "print_reference", "sympy_reference", "fractions_reference"}
+    assert set(figures) == {
+        f"{b}{kind}" for b in ("print", "sympy", "fractions") for kind in ("", "_reference", "_parallel")
+    }
     for name in ("print", "sympy", "fractions"):
-        pool, ref = figures[name], figures[f"{name}_reference"]
-        assert pool["exec_per_s"] > 0 and ref["exec_per_s"] > 0 and pool["cpu_ms"] > 0
+        pool, ref, par = figures[name], figures[f"{name}_reference"], figures[f"{name}_parallel"]
+        assert pool["exec_per_s"] > 0 and ref["exec_per_s"] > 0 and pool["cpu_ms"] > 0 and par["cpu_ms"] >= 0
         assert pool["speedup"] == pytest.approx(pool["exec_per_s"] / ref["exec_per_s"])
+        assert pool["of_parallel"] == pytest.approx(pool["exec_per_s"] / par["exec_per_s"])
+        assert par["speedup"] == pytest.approx(par["exec_per_s"] / ref["exec_per_s"]) and par["workers"] == 2
         assert pool["cpu_speedup"] == pytest.approx(min(2, os.cpu_count()) * ref["cpu_ms"] / pool["cpu_ms"])
     assert "rlimits" in layers
     parts = sandbox_overheads(n=2)
     assert set(parts) == {"start_ms", "block_ms", "close_ms", "session_cpu_ms", "sympy_first_ms", "sympy_again_ms"}
     assert parts["session_cpu_ms"] > 0 and parts["sympy_first_ms"] > parts["block_ms"]
+    floor = fork_floor(n=2)
+    # the first snippet in a fresh child writes pages shared with its parent; the second finds them copied
+    assert floor["fork_first_faults"] > 5 * floor["fork_again_faults"] and floor["fork_first_ms"] > 0
+    assert floor["fork_child_cpu_ms"] >= floor["fork_first_ms"] + floor["fork_again_ms"] - 2
 
 
 def test_exec_command_takes_any_sandbox_setting():

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import random
 import statistics
 import subprocess
@@ -47,6 +48,53 @@ for line in sys.stdin:
         status = "error: " + traceback.format_exc().splitlines()[-1]
     sys.stdout.write(json.dumps({"status": status, "stdout": buf.getvalue()[-4000:]}) + "\n")
     sys.stdout.flush()
+"""
+
+
+# The floor of any fresh-process-per-snippet design, isolation aside: a process with the template's imports,
+# warm-up and frozen heap forks one bare child per sympy snippet (no namespaces, limits or IPC). Written for this
+# benchmark; prints one JSON object of medians.
+_FORK_FLOOR = r"""
+import contextlib, gc, io, json, os, resource, statistics, sys
+from autocode4math import sandbox_worker
+from autocode4math.bench import sandbox_batches
+for name in sandbox_worker.PRELOAD:
+    __import__(name)
+sandbox_worker._warm_up()
+gc.freeze()
+sandbox_worker.huge_pages()
+n = int(sys.argv[1])
+codes = sandbox_batches(2 * n)["sympy"]
+
+def usage():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return (r.ru_utime + r.ru_stime) * 1000, r.ru_minflt
+
+def timed(code):
+    before = usage()
+    with contextlib.redirect_stdout(io.StringIO()):
+        exec(code, {"__name__": "__main__"})
+    after = usage()
+    return after[0] - before[0], after[1] - before[1]
+
+rows, exits = [], []
+for i in range(n):
+    read, write = os.pipe()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    pid = os.fork()
+    if pid == 0:
+        os.write(write, json.dumps([timed(codes[2 * i]), timed(codes[2 * i + 1])]).encode())
+        os._exit(0)
+    os.close(write)
+    rows.append(json.loads(os.read(read, 4096)))
+    os.close(read)
+    os.waitpid(pid, 0)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    exits.append((after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) * 1000)
+med = lambda xs: statistics.median(xs)
+print(json.dumps({"fork_first_ms": med(r[0][0] for r in rows), "fork_first_faults": med(r[0][1] for r in rows),
+                  "fork_again_ms": med(r[1][0] for r in rows), "fork_again_faults": med(r[1][1] for r in rows),
+                  "fork_child_cpu_ms": med(exits)}))
 """
 
 
@@ -114,6 +162,30 @@ class _Reference:
         self.proc.wait(timeout=10)
 
 
+class _ReferenceFleet:
+    """`workers` reference workers side by side: what unisolated parallel execution reaches on this machine."""
+
+    def __init__(self, workers: int) -> None:
+        self.members = [_Reference() for _ in range(workers)]
+        self.free: queue.Queue[_Reference] = queue.Queue()
+        for member in self.members:
+            self.free.put(member)
+
+    def run(self, code: str) -> str:
+        member = self.free.get()
+        try:
+            return member.run(code)
+        finally:
+            self.free.put(member)
+
+    def cpu_seconds(self) -> float:
+        return sum(m.cpu_seconds() for m in self.members)
+
+    def close(self) -> None:
+        for member in self.members:
+            member.close()
+
+
 def _proc_cpu_seconds(pid: int, children: bool) -> float:
     """User + system CPU of process `pid` (and of its reaped children), from /proc."""
     with open(f"/proc/{pid}/stat") as f:
@@ -130,20 +202,23 @@ def _pool_cpu_seconds(pool: SandboxPool) -> float:
 def bench_sandbox(
     n: int = 200, workers: int | None = None, timeout_s: float = 30.0
 ) -> tuple[dict[str, dict[str, float]], list[str]]:
-    """Figures per batch (`<batch>`: isolated pool with its speed-up, `<batch>_reference`) and the active layers.
+    """Figures per batch and the active layers.
 
-    The two executors take turns on chunks of `10 x workers` snippets, so both see the same load when the
-    machine is shared. Besides exec/s and latency, each row has `cpu_ms`: CPU per execution over every
-    process involved (for the pool: its threads, the template and the sessions; kernel threads are not
-    counted), and the pool row `cpu_speedup`: the speed-up its workers reach where CPU is the only limit
-    (a quiet machine with at least `workers` cores), min(workers, CPUs) x reference / pool cpu_ms.
+    Rows per batch: `<batch>` (the isolated pool), `<batch>_reference` (one unisolated worker) and
+    `<batch>_parallel` (`workers` unisolated workers side by side: the speed-up this machine gives
+    parallel work at all, which on a shared or SMT host is less than `workers`). The three executors take
+    turns on chunks of `10 x workers` snippets, so all see the same load when the machine is shared.
+    Besides exec/s and latency, each row has `cpu_ms`: CPU per execution over every process involved (for
+    the pool: its threads, the template and the sessions; kernel threads are not counted); the pool row
+    has `speedup` (over the reference), `of_parallel` (its exec/s as a share of the parallel row's) and
+    `cpu_speedup`: the speed-up where CPU is the only limit, min(workers, CPUs) x reference / pool cpu_ms.
     """
     workers = workers or os.cpu_count() or 1
     cores = min(workers, os.cpu_count() or 1)
     chunk = 10 * workers
     figures: dict[str, dict[str, float]] = {}
     layers: list[str] = []
-    reference = _Reference()
+    reference, parallel = _Reference(), _ReferenceFleet(workers)
     try:
         with SandboxPool(SandboxConfig(timeout_s=timeout_s), workers=workers) as pool:
 
@@ -156,26 +231,48 @@ def bench_sandbox(
 
             isolated("pass")  # the pool's first session
             for name, codes in sandbox_batches(n).items():
-                ref_meter, iso_meter = _Meter(reference.run, 1), _Meter(isolated, workers)
+                meters = {"ref": _Meter(reference.run, 1), "par": _Meter(parallel.run, workers),
+                          "iso": _Meter(isolated, workers)}  # fmt: skip
+                cpu = {"ref": reference.cpu_seconds, "par": parallel.cpu_seconds,
+                       "iso": lambda: _pool_cpu_seconds(pool)}  # fmt: skip
                 time.sleep(0.3)  # the sessions of the last batch are reaped: their CPU is not counted here
-                ref_cpu, iso_cpu = reference.cpu_seconds(), _pool_cpu_seconds(pool)
-                for i in range(0, n, chunk):  # alternate, so both executors see the same load on a shared machine
-                    ref_meter.run(codes[i : i + chunk])
-                    iso_meter.run(codes[i : i + chunk])
+                start = {k: f() for k, f in cpu.items()}
+                for i in range(0, n, chunk):  # alternate, so all executors see the same load on a shared machine
+                    for meter in meters.values():
+                        meter.run(codes[i : i + chunk])
                 time.sleep(0.3)  # and the last sessions of this one are
-                ref, iso = ref_meter.figures(), iso_meter.figures()
-                ref["cpu_ms"] = (reference.cpu_seconds() - ref_cpu) / n * 1000
-                iso["cpu_ms"] = (_pool_cpu_seconds(pool) - iso_cpu) / n * 1000
-                bad = [s for s in iso_meter.statuses + ref_meter.statuses if s != "ok"]
+                rows = {k: {**m.figures(), "cpu_ms": (cpu[k]() - start[k]) / n * 1000} for k, m in meters.items()}
+                bad = [s for m in meters.values() for s in m.statuses if s != "ok"]
                 if bad:
                     raise RuntimeError(f"batch {name!r}: {len(bad)} executions failed, e.g. {bad[0]}")
+                ref, par, iso = rows["ref"], rows["par"], rows["iso"]
                 figures[name] = {**iso, "workers": workers, "speedup": iso["exec_per_s"] / ref["exec_per_s"],
+                                 "of_parallel": iso["exec_per_s"] / par["exec_per_s"],
                                  "cpu_speedup": cores * ref["cpu_ms"] / iso["cpu_ms"]}  # fmt: skip
                 figures[f"{name}_reference"] = {**ref, "workers": 1}
+                par_speedup = par["exec_per_s"] / ref["exec_per_s"]
+                figures[f"{name}_parallel"] = {**par, "workers": workers, "speedup": par_speedup}
             layers = pool.layers
     finally:
         reference.close()
+        parallel.close()
     return figures, layers
+
+
+def fork_floor(n: int = 20) -> dict[str, float]:
+    """What a fresh process per snippet costs before any isolation (medians over n sympy snippets, in ms).
+
+    A process with the template's imports, warm-up and frozen heap forks one bare child per snippet; the
+    child runs a sympy snippet twice. fork_first_ms / fork_first_faults: CPU and minor page faults of the
+    first (the pages it writes are still shared with the parent: each write copies a 4 KiB page, mostly
+    reference counts of the objects sympy touches); fork_again_ms / _faults: the second, pages already
+    copied; fork_child_cpu_ms: the child's whole CPU, exit included.
+    """
+    src = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=src, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", _FORK_FLOOR, str(n)], capture_output=True, text=True, env=env,
+                         timeout=600, check=True)  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def sandbox_overheads(n: int = 20, timeout_s: float = 30.0) -> dict[str, float]:
@@ -237,16 +334,23 @@ def print_sandbox_table(
     for name, row in figures.items():
         if name.endswith("_reference"):
             continue
-        ref = figures[f"{name}_reference"]
+        ref, par = figures[f"{name}_reference"], figures.get(f"{name}_parallel")
         table.add_row(name, f"pool, {int(row['workers'])} workers", f"{row['exec_per_s']:.1f}",
                       f"{row['p50_ms']:.1f}", f"{row['p99_ms']:.1f}", f"{row['speedup']:.2f}x",
                       f"{row['cpu_ms']:.1f}", f"{row['cpu_speedup']:.2f}x")  # fmt: skip
+        if par:
+            table.add_row("", f"{int(par['workers'])} unisolated", f"{par['exec_per_s']:.1f}", f"{par['p50_ms']:.1f}",
+                          f"{par['p99_ms']:.1f}", f"{par['speedup']:.2f}x", f"{par['cpu_ms']:.1f}", "")  # fmt: skip
         table.add_row("", "reference", f"{ref['exec_per_s']:.1f}", f"{ref['p50_ms']:.1f}",
                       f"{ref['p99_ms']:.1f}", "1.00x", f"{ref['cpu_ms']:.1f}", "")  # fmt: skip
     console = Console()
     console.print(table)
-    console.print("reference: one worker exec()ing in-process, no isolation. CPU ms: per execution, all processes;")
+    console.print("reference: one worker exec()ing in-process, no isolation; N unisolated: N such workers side by")
+    console.print("side (the parallel speed-up this machine gives at all). CPU ms: per execution, all processes;")
     console.print("CPU-bound: the speed-up where CPU is the only limit (min(workers, CPUs) x reference / pool CPU ms)")
+    for name, row in figures.items():
+        if "of_parallel" in row:
+            console.print(f"{name}: the pool reaches {row['of_parallel']:.0%} of the unisolated workers' exec/s")
     console.print("isolation layers active: " + ", ".join(layers))
     if overheads:
         parts = Table(title="Per-execution overhead (1 worker, sequential, no pre-forking; medians)")
@@ -256,9 +360,15 @@ def print_sandbox_table(
                 ("one block round trip (`pass`)", "block_ms"), ("close_session call (teardown continues)", "close_ms"),
                 ("CPU of an empty session, all processes", "session_cpu_ms"),
                 ("sympy snippet as a session's first block", "sympy_first_ms"),
-                ("sympy snippet as a later block (pages already copied)", "sympy_again_ms")]  # fmt: skip
+                ("sympy snippet as a later block (pages already copied)", "sympy_again_ms"),
+                ("no isolation, bare fork of a warm template: sympy as first block", "fork_first_ms"),
+                ("  its minor page faults (copy-on-write and new pages)", "fork_first_faults"),
+                ("  the same snippet again in that child", "fork_again_ms"),
+                ("  its minor page faults", "fork_again_faults"),
+                ("  the bare child's whole CPU (two snippets, exit)", "fork_child_cpu_ms")]  # fmt: skip
         for label, key in rows:
-            parts.add_row(label, f"{overheads[key]:.2f}")
+            if key in overheads:
+                parts.add_row(label, f"{overheads[key]:.2f}")
         console.print(parts)
 
 

@@ -152,13 +152,13 @@ def bench_sandbox(
     import os
 
     from autocode4math.bench import bench_sandbox as run_bench
-    from autocode4math.bench import print_sandbox_table, sandbox_overheads
+    from autocode4math.bench import fork_floor, print_sandbox_table, sandbox_overheads
 
     if n < 1 or workers < 0:
         _fail(f"--n must be >= 1 and --workers >= 0, got --n {n} --workers {workers}")
     load = os.getloadavg()[0]
     figures, layers = run_bench(n=n, workers=workers or None)
-    overheads = sandbox_overheads(n=min(n, 20))
+    overheads = sandbox_overheads(n=min(n, 20)) | fork_floor(n=min(n, 20))
     print_sandbox_table(figures, layers, overheads)
     after = os.getloadavg()[0]
     typer.echo(f"machine: {os.cpu_count()} CPUs; 1-minute load average {load:.2f} before, {after:.2f} after")
