@@ -652,3 +652,19 @@ def test_run_mstep_with_cot_replay_scores_and_trains_the_replayed_rows(tiny_mode
     assert len(stored) == sum(r["c"] == 0 for r in rows) == 2
     metrics = [json.loads(line) for line in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()]
     assert any(m["replay_loss"] != 0 for m in metrics)
+
+
+def test_a_micro_batch_without_replayed_samples_still_makes_the_replay_pass_at_zero_loss(tiny_model_dir, tiny):
+    from autocode4math.mstep import _replay_batch
+
+    model = _fresh(tiny_model_dir)
+    plain = _sample([5, 6, 7, 8], 2, [1, 1], advantage=1.0)
+    replayed = replace(plain, replay=_sample([9, 7, 8], 1, [1, 1], advantage=1.0))
+    samples = [plain, replayed]
+    assert _replay_batch(samples, [0], {}, 0, "cpu") is None  # the run replays nothing: no extra pass
+    dummy = _replay_batch(samples, [0], {1: [-1.0, -1.0]}, 0, "cpu")  # the run replays, this batch has none
+    batch = collate([plain], 0, [[-1.0, -1.0]])
+    _, parts = batch_loss(model, batch, MStepConfig(cot_replay_weight=1.0), dummy)
+    assert dummy["rl_mask"].sum() == 0 and parts["replay_loss"].item() == 0.0
+    real = _replay_batch(samples, [0, 1], {1: [-1.0, -1.0]}, 0, "cpu")
+    assert real["input_ids"].tolist() == [[9, 7, 8]]

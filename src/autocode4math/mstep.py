@@ -560,9 +560,18 @@ def _to(batch: dict, device: Any) -> dict:
 
 def _replay_batch(samples: list[Sample], idx: list[int], ref: dict[int, list[float]], pad_id: int,
                   device: Any) -> dict | None:  # fmt: skip
-    """The collated cot-replay rows of the micro-batch `idx` (None when none of its samples has one)."""
+    """The collated cot-replay rows of the micro-batch `idx`; None when the run replays nothing.
+
+    A micro-batch without a replayed sample in a run that replays gets one fully masked dummy row (loss 0),
+    so every process makes the same forward passes (sharded models gather weights in each).
+    """
+    if not ref:
+        return None
     have = [i for i in idx if samples[i].replay is not None]
-    return _to(collate([samples[i].replay for i in have], pad_id, [ref[i] for i in have]), device) if have else None
+    if not have:
+        dummy = Sample([pad_id, pad_id], 1, [0], 0.0, 0, [], 0, False, False, "dummy")
+        return _to(collate([dummy], pad_id, [[0.0]]), device)
+    return _to(collate([samples[i].replay for i in have], pad_id, [ref[i] for i in have]), device)
 
 
 def _step_metrics(parts: list[dict], samples: list[Sample], accelerator: Any) -> dict[str, float]:
