@@ -116,8 +116,8 @@ def test_exec_command_prints_json_last_line():
 
 
 @pytest.mark.slow
-def test_bench_sandbox_reports_throughput_cpu_and_overheads():
-    from autocode4math.bench import bench_sandbox, fork_floor, sandbox_overheads
+def test_bench_sandbox_reports_throughput_cpu_and_overheads(capsys):
+    from autocode4math.bench import bench_sandbox, fork_floor, print_sandbox_table, sandbox_overheads
 
     figures, layers = bench_sandbox(n=3, workers=2)
     assert set(figures) == {
@@ -134,6 +134,9 @@ def test_bench_sandbox_reports_throughput_cpu_and_overheads():
     parts = sandbox_overheads(n=2)
     assert set(parts) == {"start_ms", "block_ms", "close_ms", "session_cpu_ms", "sympy_first_ms", "sympy_again_ms"}
     assert parts["session_cpu_ms"] > 0 and parts["sympy_first_ms"] > parts["block_ms"]
+    print_sandbox_table(figures, layers, parts)
+    printed = capsys.readouterr().out
+    assert "2 unisolated" in printed and "of the unisolated workers' exec/s" in printed
     floor = fork_floor(n=2)
     # the first snippet in a fresh child writes pages shared with its parent; the second finds them copied
     assert floor["fork_first_faults"] > 5 * floor["fork_again_faults"] and floor["fork_first_ms"] > 0
