@@ -148,6 +148,17 @@ def test_em_overrides_and_the_mid_study_configs():
     assert em.out.endswith("em") and mid.out.endswith("em_mid")
 
 
+def test_the_cot_anchor_reaches_em_and_not_the_rl_baselines():
+    from autocode4math.em import _mstep_config
+
+    for weight in (1.0, 0.0, 2.5):
+        cfg = DemoConfig(cot_anchor_weight=weight, em={"mstep": {"kl_coef": 0.05}})
+        em, rl = train_config(cfg, "em"), train_config(cfg, "base_rl")
+        assert _mstep_config(em, 1).cot_anchor_weight == weight and em.mstep.kl_coef == 0.05
+        assert _mstep_config(rl, 1).cot_anchor_weight == 0.0
+    assert DemoConfig().cot_anchor_weight == 1.0  # the demo's default, unlike the library's (0)
+
+
 def test_seeds_share_a_demo_directory_but_other_settings_do_not():
     """Seeds run as separate processes into one --out (each seed's runs record their own fingerprint)."""
     from autocode4math.demo import NOT_IN_FINGERPRINT
@@ -160,4 +171,4 @@ def test_seeds_share_a_demo_directory_but_other_settings_do_not():
     assert differences(fingerprint(), settings_of(DemoConfig(test=200), leave_out=NOT_IN_FINGERPRINT)) == [
         "test: 600 -> 200"
     ]
-    assert fingerprint() != fingerprint(em={"mstep": {"cot_anchor_weight": 1.0}})
+    assert fingerprint() != fingerprint(em={"mstep": {"cot_anchor_weight": 2.0}})
