@@ -157,6 +157,8 @@ def test_the_cot_anchor_reaches_em_and_not_the_rl_baselines():
         assert _mstep_config(em, 1).cot_anchor_weight == weight and em.mstep.kl_coef == 0.05
         assert _mstep_config(rl, 1).cot_anchor_weight == 0.0
     assert DemoConfig().cot_anchor_weight == 1.0  # the demo's default, unlike the library's (0)
+    assert train_config(DemoConfig(), "base_rl").mstep.cot_anchor_weight == 0.0  # not even in the RL fingerprint
+    assert DemoConfig.full().epochs == 2 and DemoConfig().epochs == 1
 
 
 def test_seeds_share_a_demo_directory_but_other_settings_do_not():
@@ -172,3 +174,14 @@ def test_seeds_share_a_demo_directory_but_other_settings_do_not():
         "test: 600 -> 200"
     ]
     assert fingerprint() != fingerprint(em={"mstep": {"cot_anchor_weight": 2.0}})
+
+
+def test_only_em_trains_the_forced_mode_terms():
+    from autocode4math.em import TrainConfig, _mstep_config
+    from autocode4math.mstep import MStepConfig
+
+    terms = MStepConfig(cot_anchor_weight=1.5, cot_replay_weight=0.5, decision_weight=1.0)
+    em, rl, sft = (_mstep_config(TrainConfig(method=m, mstep=terms), 1) for m in ("em", "rl", "sft"))
+    assert (em.cot_anchor_weight, em.cot_replay_weight) == (1.5, 0.5)
+    assert (rl.cot_anchor_weight, rl.cot_replay_weight, rl.decision_weight) == (0.0, 0.0, 0.0)
+    assert (sft.cot_anchor_weight, sft.cot_replay_weight, sft.objective) == (0.0, 0.0, "sft")

@@ -592,8 +592,10 @@ def test_cot_replay_rows_are_the_text_responses_under_the_cot_prompt(tiny, tmp_p
     bare = {k: v for k, v in text.items() if not k.startswith("anchor")} | {"key": "bare"}
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in (text, code, mid, bare)))
-    s_text, s_code, s_mid, s_bare = load_samples(path)
-    assert s_code.replay is None and s_mid.replay is None and s_bare.replay is None
+    under_cot = {**text, "prompt_ids": text["anchor_context_ids"], "key": "cot"}  # c0_mode=cot: already cot-mode
+    path.write_text("".join(json.dumps(r) + "\n" for r in (text, code, mid, bare, under_cot)))
+    s_text, s_code, s_mid, s_bare, s_cot = load_samples(path)
+    assert s_code.replay is None and s_mid.replay is None and s_bare.replay is None and s_cot.replay is None
     replay = s_text.replay
     assert replay.ids == text["anchor_context_ids"] + text["response_ids"]
     assert replay.start == len(text["anchor_context_ids"]) and replay.mask == s_text.mask

@@ -125,11 +125,12 @@ def test_bench_sandbox_reports_throughput_cpu_and_overheads(capsys):
     }
     for name in ("print", "sympy", "fractions"):
         pool, ref, par = figures[name], figures[f"{name}_reference"], figures[f"{name}_parallel"]
-        assert pool["exec_per_s"] > 0 and ref["exec_per_s"] > 0 and pool["cpu_ms"] > 0 and par["cpu_ms"] >= 0
+        assert pool["exec_per_s"] > 0 and ref["exec_per_s"] > 0 and pool["cpu_ms"] > 0
         assert pool["speedup"] == pytest.approx(pool["exec_per_s"] / ref["exec_per_s"])
         assert pool["of_parallel"] == pytest.approx(pool["exec_per_s"] / par["exec_per_s"])
         assert par["speedup"] == pytest.approx(par["exec_per_s"] / ref["exec_per_s"]) and par["workers"] == 2
         assert pool["cpu_speedup"] == pytest.approx(min(2, os.cpu_count()) * ref["cpu_ms"] / pool["cpu_ms"])
+    assert figures["sympy_parallel"]["cpu_ms"] > 0 and figures["sympy_reference"]["cpu_ms"] > 0
     assert "rlimits" in layers
     parts = sandbox_overheads(n=2)
     assert set(parts) == {"start_ms", "block_ms", "close_ms", "session_cpu_ms", "sympy_first_ms", "sympy_again_ms"}
@@ -139,7 +140,7 @@ def test_bench_sandbox_reports_throughput_cpu_and_overheads(capsys):
     assert "2 unisolated" in printed and "of the unisolated workers' exec/s" in printed
     floor = fork_floor(n=2)
     # the first snippet in a fresh child writes pages shared with its parent; the second finds them copied
-    assert floor["fork_first_faults"] > 5 * floor["fork_again_faults"] and floor["fork_first_ms"] > 0
+    assert floor["fork_first_faults"] > 2 * floor["fork_again_faults"] and floor["fork_first_ms"] > 0
     assert floor["fork_child_cpu_ms"] >= floor["fork_first_ms"] + floor["fork_again_ms"] - 2
 
 

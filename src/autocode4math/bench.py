@@ -17,6 +17,7 @@ what they measure, their assumptions and the formulas of their bounds are in doc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -158,15 +159,20 @@ class _Reference:
         return _proc_cpu_seconds(self.proc.pid, children=False)
 
     def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=10)
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 class _ReferenceFleet:
     """`workers` reference workers side by side: what unisolated parallel execution reaches on this machine."""
 
-    def __init__(self, workers: int) -> None:
-        self.members = [_Reference() for _ in range(workers)]
+    def __init__(self, members: list[_Reference]) -> None:
+        self.members = members
         self.free: queue.Queue[_Reference] = queue.Queue()
         for member in self.members:
             self.free.put(member)
@@ -180,10 +186,6 @@ class _ReferenceFleet:
 
     def cpu_seconds(self) -> float:
         return sum(m.cpu_seconds() for m in self.members)
-
-    def close(self) -> None:
-        for member in self.members:
-            member.close()
 
 
 def _proc_cpu_seconds(pid: int, children: bool) -> float:
@@ -218,58 +220,68 @@ def bench_sandbox(
     chunk = 10 * workers
     figures: dict[str, dict[str, float]] = {}
     layers: list[str] = []
-    reference, parallel = _Reference(), _ReferenceFleet(workers)
-    try:
-        with SandboxPool(SandboxConfig(timeout_s=timeout_s), workers=workers) as pool:
+    with contextlib.ExitStack() as stack:  # every worker started is stopped, whatever fails
+        reference = _started(stack)
+        parallel = _ReferenceFleet([_started(stack) for _ in range(workers)])
+        pool = stack.enter_context(SandboxPool(SandboxConfig(timeout_s=timeout_s), workers=workers))
 
-            def isolated(code: str) -> str:
-                session = pool.open_session()
-                try:
-                    return pool.run(session, code).status
-                finally:
-                    pool.close_session(session)
+        def isolated(code: str) -> str:
+            session = pool.open_session()
+            try:
+                return pool.run(session, code).status
+            finally:
+                pool.close_session(session)
 
-            isolated("pass")  # the pool's first session
-            for name, codes in sandbox_batches(n).items():
-                meters = {"ref": _Meter(reference.run, 1), "par": _Meter(parallel.run, workers),
-                          "iso": _Meter(isolated, workers)}  # fmt: skip
-                cpu = {"ref": reference.cpu_seconds, "par": parallel.cpu_seconds,
-                       "iso": lambda: _pool_cpu_seconds(pool)}  # fmt: skip
-                time.sleep(0.3)  # the sessions of the last batch are reaped: their CPU is not counted here
-                start = {k: f() for k, f in cpu.items()}
-                for i in range(0, n, chunk):  # alternate, so all executors see the same load on a shared machine
-                    for meter in meters.values():
-                        meter.run(codes[i : i + chunk])
-                time.sleep(0.3)  # and the last sessions of this one are
-                rows = {k: {**m.figures(), "cpu_ms": (cpu[k]() - start[k]) / n * 1000} for k, m in meters.items()}
-                bad = [s for m in meters.values() for s in m.statuses if s != "ok"]
-                if bad:
-                    raise RuntimeError(f"batch {name!r}: {len(bad)} executions failed, e.g. {bad[0]}")
-                ref, par, iso = rows["ref"], rows["par"], rows["iso"]
-                figures[name] = {**iso, "workers": workers, "speedup": iso["exec_per_s"] / ref["exec_per_s"],
-                                 "of_parallel": iso["exec_per_s"] / par["exec_per_s"],
-                                 "cpu_speedup": cores * ref["cpu_ms"] / iso["cpu_ms"]}  # fmt: skip
-                figures[f"{name}_reference"] = {**ref, "workers": 1}
-                par_speedup = par["exec_per_s"] / ref["exec_per_s"]
-                figures[f"{name}_parallel"] = {**par, "workers": workers, "speedup": par_speedup}
-            layers = pool.layers
-    finally:
-        reference.close()
-        parallel.close()
+        isolated("pass")  # the pool's first session
+        for name, codes in sandbox_batches(n).items():
+            meters = {"ref": _Meter(reference.run, 1), "par": _Meter(parallel.run, workers),
+                      "iso": _Meter(isolated, workers)}  # fmt: skip
+            time.sleep(0.3)  # the sessions of the last batch are reaped: their CPU is not counted here
+            start = {"ref": reference.cpu_seconds(), "par": parallel.cpu_seconds(), "iso": pool.cpu_seconds()}
+            driver = 0.0  # CPU of this process's threads while they drive the pool (they run its logic)
+            for i in range(0, n, chunk):  # alternate, so all executors see the same load on a shared machine
+                meters["ref"].run(codes[i : i + chunk])
+                meters["par"].run(codes[i : i + chunk])
+                before = time.process_time()
+                meters["iso"].run(codes[i : i + chunk])
+                driver += time.process_time() - before
+            time.sleep(0.3)  # and the last sessions of this one are
+            used = {"ref": reference.cpu_seconds() - start["ref"], "par": parallel.cpu_seconds() - start["par"],
+                    "iso": pool.cpu_seconds() - start["iso"] + driver}  # fmt: skip
+            rows = {k: {**m.figures(), "cpu_ms": used[k] / n * 1000} for k, m in meters.items()}
+            bad = [s for m in meters.values() for s in m.statuses if s != "ok"]
+            if bad:
+                raise RuntimeError(f"batch {name!r}: {len(bad)} executions failed, e.g. {bad[0]}")
+            ref, par, iso = rows["ref"], rows["par"], rows["iso"]
+            figures[name] = {**iso, "workers": workers, "speedup": iso["exec_per_s"] / ref["exec_per_s"],
+                             "of_parallel": iso["exec_per_s"] / par["exec_per_s"],
+                             "cpu_speedup": cores * ref["cpu_ms"] / iso["cpu_ms"]}  # fmt: skip
+            figures[f"{name}_reference"] = {**ref, "workers": 1}
+            par_speedup = par["exec_per_s"] / ref["exec_per_s"]
+            figures[f"{name}_parallel"] = {**par, "workers": workers, "speedup": par_speedup}
+        layers = pool.layers
     return figures, layers
+
+
+def _started(stack: contextlib.ExitStack) -> _Reference:
+    """A reference worker whose stop is registered on `stack`."""
+    worker = _Reference()
+    stack.callback(worker.close)
+    return worker
 
 
 def fork_floor(n: int = 20) -> dict[str, float]:
     """What a fresh process per snippet costs before any isolation (medians over n sympy snippets, in ms).
 
-    A process with the template's imports, warm-up and frozen heap forks one bare child per snippet; the
-    child runs a sympy snippet twice. fork_first_ms / fork_first_faults: CPU and minor page faults of the
-    first (the pages it writes are still shared with the parent: each write copies a 4 KiB page, mostly
-    reference counts of the objects sympy touches); fork_again_ms / _faults: the second, pages already
-    copied; fork_child_cpu_ms: the child's whole CPU, exit included.
+    A process with the template's imports, warm-up and frozen heap forks n bare children; each runs two
+    sympy snippets of the same form (other numbers). fork_first_ms / fork_first_faults: CPU and minor page
+    faults of the first (the pages it writes are still shared with the parent: each write copies a 4 KiB
+    page, mostly reference counts of the objects sympy touches); fork_again_ms / _faults: the second, the
+    pages already copied; fork_child_cpu_ms: the child's whole CPU, exit included.
     """
     src = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=src, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    path = os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTHONPATH=path, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-c", _FORK_FLOOR, str(n)], capture_output=True, text=True, env=env,
                          timeout=600, check=True)  # fmt: skip
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -363,7 +375,7 @@ def print_sandbox_table(
                 ("sympy snippet as a later block (pages already copied)", "sympy_again_ms"),
                 ("no isolation, bare fork of a warm template: sympy as first block", "fork_first_ms"),
                 ("  its minor page faults (copy-on-write and new pages)", "fork_first_faults"),
-                ("  the same snippet again in that child", "fork_again_ms"),
+                ("  a second snippet of the same form in that child", "fork_again_ms"),
                 ("  its minor page faults", "fork_again_faults"),
                 ("  the bare child's whole CPU (two snippets, exit)", "fork_child_cpu_ms")]  # fmt: skip
         for label, key in rows:

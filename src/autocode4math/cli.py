@@ -163,7 +163,8 @@ def bench_sandbox(
     try:
         overheads |= fork_floor(n=min(n, 20))
     except (OSError, ValueError, subprocess.SubprocessError) as e:
-        typer.echo(f"Warning: the bare-fork floor was not measured ({type(e).__name__}: {e})", err=True)
+        tail = " ".join(str(getattr(e, "stderr", "") or "").strip().splitlines()[-3:])
+        typer.echo(f"Warning: the bare-fork floor was not measured ({type(e).__name__}: {e} {tail})", err=True)
     print_sandbox_table(figures, layers, overheads)
     after = os.getloadavg()[0]
     typer.echo(f"machine: {os.cpu_count()} CPUs; 1-minute load average {load:.2f} before, {after:.2f} after")

@@ -157,7 +157,7 @@ def _train_config(config: DemoConfig, method: str) -> TrainConfig:
             lr=config.lr,
             epochs=rl_epochs(config) if algo == "rl" else config.epochs,
             micro_batch_size=config.micro_batch_size,
-            cot_anchor_weight=config.cot_anchor_weight,
+            cot_anchor_weight=config.cot_anchor_weight if algo == "em" else 0.0,
             schedule="constant",
             save_every=1000,
             seed=config.seed,

@@ -295,8 +295,9 @@ def _mstep_config(config: TrainConfig, iteration: int) -> MStepConfig:
     changes: dict[str, Any] = {"seed": config.mstep.seed + iteration}
     if config.method == "rl":
         changes["decision_weight"] = changes["cot_anchor_weight"] = changes["cot_replay_weight"] = 0.0
-    if config.method == "sft":
+    if config.method == "sft":  # the cot anchor and the cot replay are EM's terms
         changes["objective"] = "sft"
+        changes["cot_anchor_weight"] = changes["cot_replay_weight"] = 0.0
     return dataclasses.replace(config.mstep, **changes)
 
 

@@ -294,8 +294,11 @@ def load_samples(path: str | Path) -> list[Sample]:
 
 def cot_replay(sample: Sample, cot_prompt: list[int], record: dict[str, Any]) -> Sample | None:
     """`sample`'s response under the cot prompt, when it is cot-mode behaviour: c = 0, from the start of the
-    question (no forced prefix or partial solution) and no code executed; else None."""
+    question (no forced prefix or partial solution), no code executed and not already under the cot prompt;
+    else None."""
     if not cot_prompt or sample.c != 0 or record["prefix_ids"] or sample.used_code:
+        return None
+    if list(record["prompt_ids"]) == list(cot_prompt):  # generated under the cot prompt (c0_mode=cot): trained as is
         return None
     response = sample.ids[sample.start :]
     return replace(sample, ids=list(cot_prompt) + response, start=len(cot_prompt), decision=[], n_decision=0,
