@@ -173,6 +173,7 @@ def test_step_plan_trains_every_micro_batch_of_every_epoch(n, size, grad_accum, 
         total = per_rank[0][0]
         seen = [0] * n
         for step in range(total):
+            assert len({len(batches_for(step)) for _, batches_for in per_rank}) == 1  # processes stay in step
             for _, batches_for in per_rank:
                 chunk = batches_for(step)
                 assert chunk and all(chunk), (step, chunk)  # every process has work at every step

@@ -493,8 +493,9 @@ def step_plan(samples: Sequence[Sample], config: MStepConfig, world: int, rank: 
     no micro-batch is dropped: an epoch's leftover micro-batches share a step with the next epoch's first
     ones, and only the last step may be short. A fractional `epochs` ends with a pass over that share of a
     shuffled order, so `epochs * len(samples)` trajectories are trained (rounded to a whole one). A short
-    last step is filled from a further epoch's plan only where some process would otherwise get no
-    micro-batch (a distributed step needs a backward pass on every process). With `max_steps`, the epochs
+    last step is filled from a further epoch's plan only as far as every process gets the same number of
+    micro-batches (a distributed step needs the same forward and backward passes on every process: sharded
+    models gather their weights in each). With `max_steps`, the epochs
     run on, whole, until that many steps.
     """
     per_step, size = world * config.grad_accum, config.micro_batch_size
@@ -523,8 +524,8 @@ def step_plan(samples: Sequence[Sample], config: MStepConfig, world: int, rank: 
 
     def batches_for(step: int) -> list[list[int]]:
         lo = step * per_step
-        chunk = [micro_batch(g) for g in range(lo, max(min(lo + per_step, end), lo + world))]
-        return chunk[rank::world]
+        count = world * math.ceil(max(min(lo + per_step, end) - lo, 1) / world)  # the same for every process
+        return [micro_batch(g) for g in range(lo, lo + count)][rank::world]
 
     return math.ceil(end / per_step), batches_for
 
