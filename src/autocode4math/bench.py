@@ -59,9 +59,7 @@ _FORK_FLOOR = r"""
 import contextlib, gc, io, json, os, resource, statistics, sys
 from autocode4math import sandbox_worker
 from autocode4math.bench import sandbox_batches
-for name in sandbox_worker.PRELOAD:
-    __import__(name)
-sandbox_worker._warm_up()
+sandbox_worker.warm_up()
 gc.freeze()
 sandbox_worker.huge_pages()
 n = int(sys.argv[1])
@@ -92,7 +90,7 @@ for i in range(n):
     os.waitpid(pid, 0)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     exits.append((after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) * 1000)
-med = lambda xs: statistics.median(xs)
+med = statistics.median
 print(json.dumps({"fork_first_ms": med(r[0][0] for r in rows), "fork_first_faults": med(r[0][1] for r in rows),
                   "fork_again_ms": med(r[1][0] for r in rows), "fork_again_faults": med(r[1][1] for r in rows),
                   "fork_child_cpu_ms": med(exits)}))
@@ -333,6 +331,12 @@ def sandbox_overheads(n: int = 20, timeout_s: float = 30.0) -> dict[str, float]:
     return {k: statistics.median(v) * 1000 for k, v in ms.items()} | {"session_cpu_ms": session_cpu * 1000}
 
 
+def _cells(row: dict[str, float]) -> list[str]:
+    """exec/s, p50, p99, speed-up and CPU ms of one executor's row, as the sandbox table prints them."""
+    return [f"{row['exec_per_s']:.1f}", f"{row['p50_ms']:.1f}", f"{row['p99_ms']:.1f}", f"{row['speedup']:.2f}x",
+            f"{row['cpu_ms']:.1f}"]  # fmt: skip
+
+
 def print_sandbox_table(
     figures: dict[str, dict[str, float]], layers: list[str], overheads: dict[str, float] | None = None
 ) -> None:
@@ -347,14 +351,10 @@ def print_sandbox_table(
         if name.endswith(("_reference", "_parallel")):
             continue
         ref, par = figures[f"{name}_reference"], figures.get(f"{name}_parallel")
-        table.add_row(name, f"pool, {int(row['workers'])} workers", f"{row['exec_per_s']:.1f}",
-                      f"{row['p50_ms']:.1f}", f"{row['p99_ms']:.1f}", f"{row['speedup']:.2f}x",
-                      f"{row['cpu_ms']:.1f}", f"{row['cpu_speedup']:.2f}x")  # fmt: skip
+        table.add_row(name, f"pool, {int(row['workers'])} workers", *_cells(row), f"{row['cpu_speedup']:.2f}x")
         if par:
-            table.add_row("", f"{int(par['workers'])} unisolated", f"{par['exec_per_s']:.1f}", f"{par['p50_ms']:.1f}",
-                          f"{par['p99_ms']:.1f}", f"{par['speedup']:.2f}x", f"{par['cpu_ms']:.1f}", "")  # fmt: skip
-        table.add_row("", "reference", f"{ref['exec_per_s']:.1f}", f"{ref['p50_ms']:.1f}",
-                      f"{ref['p99_ms']:.1f}", "1.00x", f"{ref['cpu_ms']:.1f}", "")  # fmt: skip
+            table.add_row("", f"{int(par['workers'])} unisolated", *_cells(par), "")
+        table.add_row("", "reference", *_cells({**ref, "speedup": 1.0}), "")
     console = Console(width=max(Console().width, 112))  # the 8 columns and their labels need more than 80
     console.print(table)
     console.print("reference: one worker exec()ing in-process, no isolation; N unisolated: N such workers side by")

@@ -331,8 +331,11 @@ Fraction(1, 3) + Fraction(1, 6); np.linalg.solve(np.eye(2), np.ones(2)); np.arra
 """
 
 
-def _warm_up() -> None:
-    """Run typical math code once, so the lazy imports and caches it fills are inherited by every session."""
+def warm_up() -> None:
+    """Import the PRELOAD modules and run typical math code once, so the imports and the lazy imports and
+    caches it fills are inherited by every session (the template's first step; `bench.fork_floor` too)."""
+    for name in PRELOAD:
+        __import__(name)
     exec(compile(WARM_UP, "<warm-up>", "exec"), {"__name__": "__warmup__"})
 
 
@@ -361,9 +364,7 @@ def huge_pages() -> int:
 
 def template_main(ctl_fd: int) -> None:
     """Preload and warm the heavy modules, then fork one session per request until the pool goes away."""
-    for name in PRELOAD:
-        __import__(name)
-    _warm_up()
+    warm_up()
     keep_fds = layers.reachable_paths()
     layers.prepare()
     gc.freeze()  # keep the collector off the template's objects: children then share those pages for good
