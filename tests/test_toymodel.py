@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from autocode4math import toymodel, toyworld
-from autocode4math.prompts import build_prompt
+from autocode4math.prompts import CODE_PREFIX, build_prompt
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def _greedy(model, tok, text: str, n: int = 12) -> str:
     return tok.decode(out[0, ids.shape[1] :])
 
 
-@pytest.mark.parametrize("name", ["toy-base", "toy-sft"])
+@pytest.mark.parametrize("name", ["toy-base", "toy-sft", "toy-mid-base"])
 def test_shipped_checkpoints_load_and_follow_the_code_prefix(name):
     path = toymodel.CHECKPOINT_DIR / name
     if not (path / "config.json").exists():
@@ -103,3 +103,23 @@ def test_shipped_checkpoints_load_and_follow_the_code_prefix(name):
     if name == "toy-base":  # the SFT set has auto prompts only, so only the base is held to the cot instruction
         cot = build_prompt("Compute 23 + 45.", "cot")
         assert "```" not in _greedy(model, tok, cot.text, n=20)
+
+
+def test_toy_mid_base_copies_the_count_after_a_forced_switch_and_rarely_switches_alone():
+    """The mid study's starting model has the pieces (story in text; after the story's text and the code
+    prefix, a program of the product) but does not choose the switch on its own (docs/toyworld.md)."""
+    path = toymodel.CHECKPOINT_DIR / "toy-mid-base"
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    items = toyworld.make_split("test", source="toy-mid")[:8]
+    programs, switched = 0, 0
+    for item in items:
+        head = toyworld.switch_text(item) + CODE_PREFIX + "\n"
+        prompt = build_prompt(item.question, "code")
+        programs += _greedy(model, tok, prompt.text + head, n=16).startswith(
+            f"```python\nprint({item.spec['count']} * {item.spec['per']})\n```"
+        )
+        auto = _greedy(model, tok, build_prompt(item.question, "auto").text, n=60)
+        switched += "```" in auto or CODE_PREFIX in auto
+    assert programs >= 6, f"the forced switch wrote the product's program for {programs} of {len(items)}"
+    assert switched <= 1, f"{switched} of {len(items)} auto answers switched to code unprompted"

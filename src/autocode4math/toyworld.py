@@ -244,20 +244,28 @@ _MID_EVENTS = {
     "lost": "loses {k} {unit}",
 }
 """Event wording (the operation is _EVENTS'); `unit` is the container's plural, or singular for k = 1."""
+_MID_MIN_COUNT = 10
+"""The count of containers starts at 10-19 and never falls below 10: the product is never one-digit times one-digit."""
 
 
 def _gen_mid(rng: random.Random, difficulty: int) -> ToyItem:
-    """`difficulty` events change a count of containers (at least 2 remain); each holds a 2-3 digit number."""
+    """`difficulty` events change a two-digit count of containers (it stays at 10 or more); each holds a
+    one-digit number of objects, so the last step is a two-digit by one-digit product.
+
+    The numbers are sized for the toy model: the story's steps are the `story` family's one-digit
+    additions, the product is the `mul` family's easiest kind (which the tiny model cannot do in its
+    head), and a program for it copies only the count just written and one digit from the question.
+    """
     name, pronoun = rng.choice(_PEOPLE)
     one, unit, obj = rng.choice(_CONTAINERS)
-    value = start = rng.randint(2, 9)
+    value = start = rng.randint(_MID_MIN_COUNT, _MID_MIN_COUNT + 9)
     events: list[tuple[str, int]] = []
     for _ in range(difficulty):
-        kind = rng.choice([k for k in _MID_EVENTS if _EVENTS[k][0] == "+" or value >= 3])
-        k = rng.randint(1, 9) if _EVENTS[kind][0] == "+" else rng.randint(1, value - 2)
+        kind = rng.choice([k for k in _MID_EVENTS if _EVENTS[k][0] == "+" or value > _MID_MIN_COUNT])
+        k = rng.randint(1, 9) if _EVENTS[kind][0] == "+" else rng.randint(1, min(9, value - _MID_MIN_COUNT))
         value = _apply(value, _EVENTS[kind][0], k)
         events.append((kind, k))
-    per = _digits(rng, 2 if difficulty == 1 else 3)
+    per = rng.randint(3, 9)
     sentences = [f"{name} has {start} {unit} of {obj}."]
     sentences += [
         f"Then {pronoun} {_MID_EVENTS[kind].format(k=k, unit=one if k == 1 else unit)}." for kind, k in events
@@ -270,7 +278,7 @@ def _gen_mid(rng: random.Random, difficulty: int) -> ToyItem:
 def _cot_mid(item: ToyItem) -> str:
     """One step per line: the story's sums, then the product in the head (which the tiny model gets wrong)."""
     steps, count = _story_steps(item.spec["start"], item.spec["events"])
-    return "\n".join([*steps, _product_text(item.spec["per"], count), _answer(item.answer)])
+    return "\n".join([*steps, _product_text(count, item.spec["per"]), _answer(item.answer)])
 
 
 def _code_mid(item: ToyItem) -> str:
