@@ -438,7 +438,9 @@ def train_cmd(
         "", help="YAML preset with TrainConfig fields (e.g. src/autocode4math/presets/train/toy-em.yaml)."
     ),
     method: str = typer.Option("", help="em (default), rl (on-policy RL, no E-step) or sft (fixed dataset)."),
-    model: str = typer.Option("", help="Starting checkpoint: a directory, hub id, or toy-base / toy-sft."),
+    model: str = typer.Option(
+        "", help="Starting checkpoint: a directory, hub id, or a shipped toy-base / toy-sft / toy-mid-base."
+    ),
     queries: str = typer.Option("", help="Training queries (train split): toy, a file, or a HF dataset id."),
     out: str = typer.Option("", help="Run directory; running the same command again resumes it."),
     iterations: int | None = typer.Option(None, help="EM iterations (E-step, M-step, dev evaluation each)."),

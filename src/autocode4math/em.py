@@ -100,7 +100,7 @@ class TrainConfig:
     method: str = "em"
     """em, rl or sft."""
     model: str = "toy-base"
-    """Starting checkpoint: a directory, a hub id, or a shipped toy checkpoint name (toy-base, toy-sft)."""
+    """Starting checkpoint: a directory, a hub id, or a shipped toy checkpoint (toy-base, toy-sft, toy-mid-base)."""
     queries: str = "toy"
     """Training queries: anything `load_problems` reads (its train split)."""
     queries_limit: int | None = None

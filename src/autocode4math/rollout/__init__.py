@@ -31,7 +31,7 @@ from autocode4math.rollout.openai import ServerConfig
 
 BACKENDS = ("hf", "openai", "vllm")
 SHIPPED_CHECKPOINTS = Path(__file__).parent.parent / "checkpoints"
-"""The toy checkpoints shipped with the package, addressable by name (toy-base, toy-sft)."""
+"""The toy checkpoints shipped with the package, addressable by name (toy-base, toy-sft, toy-mid-base)."""
 
 __all__ = [
     "BACKENDS",
@@ -66,7 +66,7 @@ def _path_like(model: str) -> bool:
 
 
 def resolve_model(model: str, backend: str = "hf") -> str:
-    """The checkpoint `model` names: a local directory, a shipped toy checkpoint (toy-base, toy-sft), or a hub id.
+    """The checkpoint `model` names: a local directory, a shipped toy checkpoint (toy-base, toy-sft, ...), or a hub id.
 
     Checked before anything loads: an empty name, or a path that does not exist, is a ConfigError, so a
     mistyped directory never turns into a Hugging Face Hub lookup. For the openai backend `model` is the
@@ -75,7 +75,10 @@ def resolve_model(model: str, backend: str = "hf") -> str:
     from autocode4math.config import ConfigError
 
     if not model:
-        raise ConfigError("no model given: pass --model with a checkpoint directory, a hub id or toy-base/toy-sft")
+        raise ConfigError(
+            "no model given: pass --model with a checkpoint directory, a hub id or a shipped toy checkpoint"
+            " (toy-base, toy-sft, toy-mid-base)"
+        )
     if backend == "openai":
         return model
     path = Path(model).expanduser()
