@@ -77,7 +77,7 @@ def resolve_model(model: str, backend: str = "hf") -> str:
     if not model:
         raise ConfigError(
             "no model given: pass --model with a checkpoint directory, a hub id or a shipped toy checkpoint"
-            " (toy-base, toy-sft, toy-mid-base)"
+            f" ({', '.join(shipped_checkpoints())})"
         )
     if backend == "openai":
         return model
