@@ -197,6 +197,22 @@ def test_subsample_records_and_audit():
     assert len(audit[1]["chosen"]) == 3 and audit[1]["Q"] == {"0": 1.0, "1": 0.0}
 
 
+def test_skip_unsolved_draws_nothing_from_a_state_no_rollout_solved():
+    # "b" failed on every rollout of both decisions; "a" and "c" were solved at least once.
+    rows = query("a", [1, 0], [0, 0]) + query("b", [0, 0], [0, 0]) + query("c", [0, 0], [0, 1])
+    kept = subsample(rows, EStepConfig(per_query=2, seed=0))[0]
+    assert {t["id"] for t in kept} == {"a", "b", "c"}  # the paper's Eq. 5 draws from every state
+    train, audit = subsample(rows, EStepConfig(per_query=2, seed=0, skip_unsolved=True))
+    assert {t["id"] for t in train} == {"a", "c"} and len(train) == 4
+    assert [len(a["chosen"]) for a in audit] == [2, 0, 2]
+    # a mid-reasoning state is a state of its own: an unsolved partial solution of a solved query is skipped
+    mid = [{**r, "sample": MID_OFFSET + r["sample"], "partial": "We add.\n"} for r in query("a", [0], [0])]
+    train, _ = subsample(rows + mid, EStepConfig(per_query=2, mid_per_state=2, seed=0, skip_unsolved=True))
+    assert not [t for t in train if t.get("partial")]
+    train, _ = subsample(rows + mid, EStepConfig(per_query=2, mid_per_state=2, seed=0))
+    assert len([t for t in train if t.get("partial")]) == 2
+
+
 def test_cut_point_stays_before_code_and_the_last_line():
     rng = random.Random(0)
     assert cut_point("First line.\nSecond line.\n```python\nprint(1)\n```", rng) == len("First line.\n")

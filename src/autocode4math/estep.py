@@ -18,6 +18,8 @@ Choices (docs/method.md explains them in full):
 - pi(c=1|x) is smoothed with a symmetric Beta prior: (n_code + a) / (n + 2a), a = `pi_prior`.
 - The advantage is the reward normalised over all of the query's rollouts (mean and std of
   `correct`), computed before subsampling so the baseline uses every rollout.
+- `skip_unsolved` (off by default) draws nothing from a state no rollout solved: there s* is uniform for
+  want of evidence, and the draw would train only the decision term, towards 1/2.
 - Mid-reasoning rollouts (continuations of a partial solution y<t) are a state of their own: Q, pi,
   s*, the advantage and the subsample are per (query, y<t), not pooled with the query's (`state_of`).
 
@@ -67,6 +69,11 @@ class EStepConfig:
     """Pseudo-count a of the Beta(a, a) prior smoothing pi(c=1|x) = (n_code + a) / (n + 2a)."""
     adv_eps: float = 1e-6
     """Added to the per-query reward std before dividing."""
+    skip_unsolved: bool = False
+    """Draw no training records from a state that no rollout solved (Q = 0 for every decision). Their
+    advantages are all 0, so the M-step's policy term ignores them and they train only the decision term,
+    towards s*'s 1/2 : 1/2, which there reflects no evidence for either decision (docs/method.md). False
+    keeps them, as the paper's Eq. 5 does."""
     seed: int = 0
     """Seeds subsampling and mid-reasoning cut points."""
     mid_reasoning: bool = False
@@ -233,6 +240,8 @@ def subsample(
         sizes = [sum(c == d for c in cs.values()) for d in (0, 1)]
         weights = [s[cs[i]] / sizes[cs[i]] for i in idx]
         n = quota.get(state, config.mid_per_state)
+        if config.skip_unsolved and not any(q[state].values()):
+            n = 0
         chosen = _weighted_sample(idx, weights, n, random.Random(f"{config.seed}/{state}"))
         for i in chosen:
             train.append({**records[i], "c": cs[i], "advantage": adv[i], "key": record_key(records[i])})
