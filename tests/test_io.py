@@ -1,6 +1,8 @@
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
-from autocode4math.io import DataError, JsonlAppender, read_done, read_jsonl
+from autocode4math.io import DataError, JsonlAppender, read_done, read_json, read_jsonl, write_json, write_jsonl
 
 
 def test_malformed_line_names_file_and_line(tmp_path):
@@ -28,3 +30,20 @@ def test_read_done_drops_torn_last_line_and_appending_continues(tmp_path):
     with JsonlAppender(p) as out:
         out.write({"i": 2})
     assert [r["i"] for r in read_jsonl(p)] == [0, 1, 2]
+
+
+def test_concurrent_writers_of_one_file_never_collide(tmp_path):
+    # Seeds of one study run as separate processes and rewrite the shared base evaluation's metrics.json;
+    # a fixed temporary name let one writer rename away the other's file (FileNotFoundError).
+    path = tmp_path / "metrics.json"
+
+    def write(i: int) -> None:
+        for j in range(40):
+            write_json(path, {"writer": i, "j": j, "pad": "x" * 20_000})
+            write_jsonl(tmp_path / "rows.jsonl", [{"writer": i, "j": j}] * 50)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(write, range(8)))
+    assert read_json(path)["pad"] == "x" * 20_000 and len(list(read_jsonl(tmp_path / "rows.jsonl"))) == 50
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "rows.jsonl"]  # no temporary left
+    assert path.stat().st_mode & 0o777 == 0o644

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,17 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+def temp_beside(path: str | Path) -> Path:
+    """A new, empty temporary file next to `path` (`NAME.<random>.tmp`), unique to this call, so that
+    processes or threads writing the same file at once (seeds of one study sharing its base evaluation)
+    never write into, or rename away, each other's temporary file."""
+    path = Path(path)
+    fd, name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    os.chmod(name, 0o644)  # mkstemp's 0600 would make results unreadable to others once renamed into place
+    return Path(name)
+
+
 def replace_file(tmp: str | Path, path: str | Path) -> None:
     """Move the finished temporary file `tmp` over `path` durably: fsync it, rename, fsync the directory."""
     with open(tmp, "rb+") as f:
@@ -65,7 +77,7 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
     """Write rows atomically: to a temporary file first, then renamed over `path` (`replace_file`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temp_beside(path)
     with tmp.open("w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -118,7 +130,7 @@ def write_json(path: str | Path, obj: Any) -> None:
     """Write JSON atomically (temporary file, then `replace_file`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temp_beside(path)
     tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     replace_file(tmp, path)
 
