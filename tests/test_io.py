@@ -47,3 +47,19 @@ def test_concurrent_writers_of_one_file_never_collide(tmp_path):
     assert read_json(path)["pad"] == "x" * 20_000 and len(list(read_jsonl(tmp_path / "rows.jsonl"))) == 50
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "rows.jsonl"]  # no temporary left
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    write_jsonl(path, [{"i": 0}])
+
+    def rows():
+        yield {"i": 1}
+        raise RuntimeError("generator broke mid-write")
+
+    with pytest.raises(RuntimeError, match="mid-write"):
+        write_jsonl(path, rows())
+    with pytest.raises(TypeError):
+        write_json(tmp_path / "x.json", {"bad": object()})
+    assert [r["i"] for r in read_jsonl(path)] == [0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl"]

@@ -78,10 +78,13 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_beside(path)
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    replace_file(tmp, path)
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        replace_file(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # left only when writing failed: the rename moved it otherwise
 
 
 class JsonlAppender:
@@ -131,8 +134,11 @@ def write_json(path: str | Path, obj: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_beside(path)
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    replace_file(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        replace_file(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # left only when writing failed
 
 
 def read_json(path: str | Path) -> Any:
