@@ -15,6 +15,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -54,15 +55,28 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
-def temp_beside(path: str | Path) -> Path:
+def _temp_beside(path: Path) -> Path:
     """A new, empty temporary file next to `path` (`NAME.<random>.tmp`), unique to this call, so that
     processes or threads writing the same file at once (seeds of one study sharing its base evaluation)
     never write into, or rename away, each other's temporary file."""
-    path = Path(path)
     fd, name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     os.chmod(name, 0o644)  # mkstemp's 0600 would make results unreadable to others once renamed into place
     return Path(name)
+
+
+@contextmanager
+def replacing(path: str | Path) -> Iterator[Path]:
+    """Write a file atomically: yield a fresh temporary path beside `path` to write; on a normal exit it is
+    moved over `path` (`replace_file`), on an error it is removed and `path` keeps its old content."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_beside(path)
+    try:
+        yield tmp
+        replace_file(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # left only when writing failed: the rename moved it otherwise
 
 
 def replace_file(tmp: str | Path, path: str | Path) -> None:
@@ -74,17 +88,10 @@ def replace_file(tmp: str | Path, path: str | Path) -> None:
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
-    """Write rows atomically: to a temporary file first, then renamed over `path` (`replace_file`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_beside(path)
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        replace_file(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # left only when writing failed: the rename moved it otherwise
+    """Write rows atomically: to a temporary file first, then renamed over `path` (`replacing`)."""
+    with replacing(path) as tmp, tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 class JsonlAppender:
@@ -130,15 +137,9 @@ def read_done(path: str | Path) -> list[dict[str, Any]]:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    """Write JSON atomically (temporary file, then `replace_file`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_beside(path)
-    try:
+    """Write JSON atomically (`replacing`)."""
+    with replacing(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        replace_file(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # left only when writing failed
 
 
 def read_json(path: str | Path) -> Any:

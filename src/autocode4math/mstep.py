@@ -45,16 +45,7 @@ from typing import Any
 import torch
 
 from autocode4math.fingerprint import Stage, file_digest, guard, model_identity, settings_of
-from autocode4math.io import (
-    DataError,
-    JsonlAppender,
-    read_done,
-    read_jsonl,
-    replace_file,
-    temp_beside,
-    write_json,
-    write_jsonl,
-)
+from autocode4math.io import DataError, JsonlAppender, read_done, read_jsonl, replacing, write_json, write_jsonl
 
 TRAIN_KEYS = ("prompt_ids", "prefix_ids", "response_ids", "response_mask", "advantage", "c")
 
@@ -475,9 +466,8 @@ def load_or_compute_ref(model, samples, pad_id, config: MStepConfig, accelerator
             return stored["logps"]
     logps = reference_logps(model, samples, pad_id, config.ref_batch_size, accelerator)
     if accelerator.is_main_process:
-        tmp = temp_beside(path)
-        torch.save({"fingerprint": fingerprint, "logps": logps}, tmp)
-        replace_file(tmp, path)
+        with replacing(path) as tmp:
+            torch.save({"fingerprint": fingerprint, "logps": logps}, tmp)
     accelerator.wait_for_everyone()
     return logps
 

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from autocode4math.io import DataError, read_jsonl, temp_beside
+from autocode4math.io import DataError, read_jsonl, replacing
 
 ASSETS = Path(__file__).parent / "data" / "view"
 COMPRESS_ABOVE = 2_000_000
@@ -390,10 +390,8 @@ def write_view(run_dirs: Sequence[str | Path], out: str | Path | None = None, co
     """Build the page for one or two run directories; write it (default: RUN_DIR/view.html); return its path."""
     data = page_data(run_dirs)
     path = Path(out) if out else Path(run_dirs[0]) / "view.html"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_beside(path)
-    tmp.write_text(render_page(data, compress), encoding="utf-8")
-    tmp.replace(path)
+    with replacing(path) as tmp:
+        tmp.write_text(render_page(data, compress), encoding="utf-8")
     return path
 
 
