@@ -213,6 +213,25 @@ def test_skip_unsolved_draws_nothing_from_a_state_no_rollout_solved():
     assert len([t for t in train if t.get("partial")]) == 2
 
 
+def test_skip_failed_decisions_never_draws_a_decision_that_no_rollout_of_it_solved():
+    # "a": text solved once, code never; "b": code solved, text never; "c": both solved; "d": neither.
+    rows = query("a", [1, 0, 0, 0], [0, 0, 0, 0]) + query("b", [0, 0, 0, 0], [1, 0, 0, 0])
+    rows += query("c", [1, 0, 0, 0], [1, 0, 0, 0]) + query("d", [0, 0], [0, 0])
+    config = EStepConfig(per_query=3, seed=0)
+    plain = subsample(rows, config)[0]
+    assert {t["c"] for t in plain if t["id"] in "ab"} == {0, 1}  # Eq. 5 gives the failed decision exp(0) / Z
+    train, audit = subsample(rows, EStepConfig(per_query=3, seed=0, skip_failed_decisions=True))
+    drawn = {q: sorted(t["c"] for t in train if t["id"] == q) for q in "abcd"}
+    assert drawn["a"] == [0, 0, 0] and drawn["b"] == [1, 1, 1] and drawn["d"] == []
+    assert len(drawn["c"]) == 3
+    assert [a["s_star"] for a in audit] == [a["s_star"] for a in subsample(rows, config)[1]]  # s* itself unchanged
+    # a mid-reasoning state is its own: code failed from the start but pays after the partial solution
+    mid = [{**r, "sample": MID_OFFSET + r["sample"], "partial": "We add.\n"} for r in query("a", [0, 0], [1, 1])]
+    train, _ = subsample(rows + mid, EStepConfig(per_query=3, mid_per_state=2, seed=0, skip_failed_decisions=True))
+    assert sorted(t["c"] for t in train if t.get("partial")) == [1, 1]
+    assert sorted(t["c"] for t in train if t["id"] == "a" and not t.get("partial")) == [0, 0, 0]
+
+
 def test_cut_point_stays_before_code_and_the_last_line():
     rng = random.Random(0)
     assert cut_point("First line.\nSecond line.\n```python\nprint(1)\n```", rng) == len("First line.\n")

@@ -671,3 +671,21 @@ def test_a_micro_batch_without_replayed_samples_still_makes_the_replay_pass_at_z
     assert dummy["rl_mask"].sum() == 0 and parts["replay_loss"].item() == 0.0
     real = _replay_batch(samples, [0, 1], {1: [-1.0, -1.0]}, 0, "cpu")
     assert real["input_ids"].tolist() == [[9, 7, 8]]
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.5])
+def test_negative_weight_scales_only_negative_advantages(tiny_model_dir, tiny, tmp_path, weight):
+    _, tok = tiny
+    model = _fresh(tiny_model_dir)
+    records = [
+        make_record(tok, "What is 3 * 7?", "3 * 7 = 21. \\boxed{21}", advantage=1.0),
+        make_record(tok, "What is 3 * 7?", "3 * 7 = 24. \\boxed{24}", advantage=-1.5, correct=False),
+    ]
+    batch = _batch_of(model, records, tmp_path)
+    batch["ref_logp"] = batch["ref_logp"] - 0.05  # inside the clip range: both rows contribute
+    scaled, _ = batch_loss(model, batch, MStepConfig(negative_weight=weight))
+    by_hand = {**batch, "advantage": torch.tensor([1.0, -1.5 * weight])}
+    expected, _ = batch_loss(model, by_hand, MStepConfig())
+    plain, _ = batch_loss(model, batch, MStepConfig())
+    assert scaled.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert abs(scaled.item() - plain.item()) > 1e-3  # the negative row's share really changed

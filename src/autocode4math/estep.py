@@ -19,7 +19,8 @@ Choices (docs/method.md explains them in full):
 - The advantage is the reward normalised over all of the query's rollouts (mean and std of
   `correct`), computed before subsampling so the baseline uses every rollout.
 - `skip_unsolved` (off by default) draws nothing from a state no rollout solved: there s* is uniform for
-  want of evidence, and the draw would train only the decision term, towards 1/2.
+  want of evidence, and the draw would train only the decision term, towards 1/2. `skip_failed_decisions`
+  (off by default) goes further: no draws of a decision whose rollouts from that state all failed.
 - Mid-reasoning rollouts (continuations of a partial solution y<t) are a state of their own: Q, pi,
   s*, the advantage and the subsample are per (query, y<t), not pooled with the query's (`state_of`).
 
@@ -74,6 +75,11 @@ class EStepConfig:
     advantages are all 0, so the M-step's policy term ignores them and they train only the decision term,
     towards s*'s 1/2 : 1/2, which there reflects no evidence for either decision (docs/method.md). False
     keeps them, as the paper's Eq. 5 does."""
+    skip_failed_decisions: bool = False
+    """Draw no trajectory of a decision that none of its rollouts from that state solved (Q(x, c) = 0); the
+    state's draws come from the other decision. Eq. 5 gives such a decision weight exp(0) / Z > 0, so its failed
+    trajectories would train the decision term towards a choice with no success behind it (docs/method.md).
+    Implies skip_unsolved. False keeps the paper's Eq. 5."""
     seed: int = 0
     """Seeds subsampling and mid-reasoning cut points."""
     mid_reasoning: bool = False
@@ -239,8 +245,10 @@ def subsample(
         cs = {i: decision_of(records[i], code_prefix) for i in idx}
         sizes = [sum(c == d for c in cs.values()) for d in (0, 1)]
         weights = [s[cs[i]] / sizes[cs[i]] for i in idx]
+        if config.skip_failed_decisions:
+            weights = [w if q[state][cs[i]] else 0.0 for w, i in zip(weights, idx, strict=True)]
         n = quota.get(state, config.mid_per_state)
-        if config.skip_unsolved and not any(q[state].values()):
+        if (config.skip_unsolved or config.skip_failed_decisions) and not any(q[state].values()):
             n = 0
         chosen = _weighted_sample(idx, weights, n, random.Random(f"{config.seed}/{state}"))
         for i in chosen:

@@ -94,6 +94,11 @@ class MStepConfig:
     pi_ref in that context. The cot instruction fixes c = 0, so a text trajectory is cot-mode behaviour; the
     term is added as `cot_replay_weight` x its policy loss, summed over the replayed rows and divided by the
     batch size (a replayed row weighs what its original does). 0 trains the auto prompt only (the paper)."""
+    negative_weight: float = 1.0
+    """Scale of negative advantages in the policy term: A < 0 becomes negative_weight x A (1: the paper's
+    objective; 0: train on the trajectories that beat their state's mean only). Wrong trajectories share
+    most of their tokens with right ones; pushing all of them down moves probability off confident tokens
+    (docs/method.md)."""
     objective: str = "rl"
     """`rl`: the clipped off-policy objective above; `sft`: the token-mean negative log-likelihood of the
     model-written response tokens (the SFT baseline: advantages unused; ratio statistics still logged)."""
@@ -133,6 +138,7 @@ class MStepConfig:
             "decision_weight": self.decision_weight >= 0,
             "cot_anchor_weight": self.cot_anchor_weight >= 0,
             "cot_replay_weight": self.cot_replay_weight >= 0,
+            "negative_weight": self.negative_weight >= 0,
             "kl_coef": self.kl_coef >= 0,
             "bucket_window": self.bucket_window >= 1,
             "ref_batch_size": self.ref_batch_size >= 1,
@@ -389,7 +395,10 @@ def batch_loss(
 
 def _policy_term(logp: torch.Tensor, batch: dict, config: MStepConfig) -> tuple[torch.Tensor, dict]:
     """The clipped policy loss of a collated batch (or the SFT loss with objective `sft`), and its stats."""
-    rl, stats = policy_loss(logp, batch["ref_logp"], batch["advantage"], batch["rl_mask"], config.clip_eps,
+    adv = batch["advantage"]
+    if config.negative_weight != 1.0:
+        adv = torch.where(adv < 0, adv * config.negative_weight, adv)
+    rl, stats = policy_loss(logp, batch["ref_logp"], adv, batch["rl_mask"], config.clip_eps,
                             config.clip_form, config.ratio_level)  # fmt: skip
     if config.objective == "sft":
         rl = sft_loss(logp, batch["rl_mask"])
