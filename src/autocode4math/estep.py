@@ -245,10 +245,10 @@ def subsample(
         cs = {i: decision_of(records[i], code_prefix) for i in idx}
         sizes = [sum(c == d for c in cs.values()) for d in (0, 1)]
         weights = [s[cs[i]] / sizes[cs[i]] for i in idx]
-        if config.skip_failed_decisions:
+        if config.skip_failed_decisions:  # an unsolved state is left with no weight at all, so no draws
             weights = [w if q[state][cs[i]] else 0.0 for w, i in zip(weights, idx, strict=True)]
         n = quota.get(state, config.mid_per_state)
-        if (config.skip_unsolved or config.skip_failed_decisions) and not any(q[state].values()):
+        if config.skip_unsolved and not any(q[state].values()):
             n = 0
         chosen = _weighted_sample(idx, weights, n, random.Random(f"{config.seed}/{state}"))
         for i in chosen:
